@@ -1,0 +1,164 @@
+"""The ``qcompile`` command line.
+
+    qcompile demo                          the main job: quantize the real MiniLM, report
+    qcompile quantize MODEL --recipe R --out DIR [--calib FILE]
+    qcompile inspect MODEL [--recipe R]    the per-layer plan and the rewritten graph
+    qcompile inspect DIR                   what `qcompile quantize` wrote
+
+Exit codes: 0 success, 2 bad command line, 3 an error you can fix (named in the message),
+1 an unexpected failure (with its traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import OutputExistsError, QcompileError
+from .recipe import PRESETS
+
+EXIT_USER_ERROR = 3
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default="w8a16", help=f"preset ({', '.join(sorted(PRESETS))}); default w8a16")
+    p.add_argument("--group-size", type=int, default=None, help="override the preset's group size (0 = per-channel)")
+    p.add_argument("--keep-float", action="append", default=[], metavar="GLOB",
+                   help="layer-name pattern to leave in floating point (repeatable)")
+    p.add_argument("--calib", default=None, metavar="FILE",
+                   help="calibration data: a text file (one text per line) or a .pt list of batches")
+
+
+def _recipe_from(args: argparse.Namespace):
+    from .recipe import resolve_recipe
+
+    recipe = resolve_recipe(args.recipe)
+    changes = {}
+    if args.group_size is not None:
+        changes["group_size"] = None if args.group_size == 0 else args.group_size
+    if args.keep_float:
+        changes["keep_float"] = tuple(args.keep_float)
+    return recipe.replace(**changes) if changes else recipe
+
+
+def _quantize_loaded(args: argparse.Namespace):
+    from .api import quantize
+    from .model_loading import load_calibration, load_model
+
+    loaded = load_model(args.model)
+    calibration = load_calibration(args.calib, loaded) if args.calib else None
+    ex_args, ex_kwargs = loaded.example
+    qm = quantize(loaded.model, ex_args, ex_kwargs, recipe=_recipe_from(args), calibration=calibration)
+    return loaded, qm
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import format_demo, run_demo
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_demo(tuple(args.recipes.split(",")), n_calib=args.n_calib, n_eval=args.n_eval,
+                      batch=args.batch, seq=args.seq, repeat=args.repeat)
+    print(format_demo(result))
+    if args.show_report:
+        for row in result.rows:
+            print()
+            print(row.quantized.report())
+    return 0
+
+
+def _write_output(out: Path, loaded, qm) -> None:
+    """Write the quantized model's artifacts into ``out`` atomically (a temp folder, then rename)."""
+    from safetensors.torch import save_file
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        report = qm.report()
+        (tmp / "report.txt").write_text(str(report) + "\n")
+        (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+        (tmp / "graph.txt").write_text(qm.graph_module.print_readable(print_output=False))
+        tensors = {k: v.contiguous() for k, v in qm.graph_module.state_dict().items()}
+        save_file(tensors, str(tmp / "weights.safetensors"), metadata={"recipe": report.recipe.name,
+                                                                       "model": loaded.description})
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists():
+        raise OutputExistsError(f"output folder {out} exists; choose another --out or remove it first")
+    if not out.parent.is_dir():
+        raise OutputExistsError(f"the parent folder of --out ({out.parent}) does not exist")
+    loaded, qm = _quantize_loaded(args)
+    _write_output(out, loaded, qm)
+    print(qm.report())
+    print(f"\nwrote {out}/: report.txt, report.json, graph.txt, weights.safetensors")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .testing import count_ops
+
+    target = Path(args.model)
+    if target.is_dir() and (target / "report.txt").exists():
+        print((target / "report.txt").read_text(), end="")
+        return 0
+    _, qm = _quantize_loaded(args)
+    print(qm.report())
+    print("\nops in the rewritten graph:")
+    for op, n in count_ops(qm.graph_module).items():
+        print(f"  {op:<40} {n}")
+    if args.graph:
+        print()
+        print(qm.graph_module.print_readable(print_output=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qcompile", description="Graph-level quantization compiler for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="quantize the real all-MiniLM-L6-v2; print fidelity, size and speed")
+    demo.add_argument("--recipes", default="w8a16,w4a16", help="comma-separated presets (default w8a16,w4a16)")
+    demo.add_argument("--n-calib", type=int, default=64, help="calibration texts (default 64)")
+    demo.add_argument("--n-eval", type=int, default=256, help="held-out evaluation texts (default 256)")
+    demo.add_argument("--batch", type=int, default=32, help="batch size for timing (default 32)")
+    demo.add_argument("--seq", type=int, default=128, help="max tokens per text (default 128)")
+    demo.add_argument("--repeat", type=int, default=5, help="timed runs per model (default 5)")
+    demo.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    demo.add_argument("--show-report", action="store_true", help="also print each per-layer report")
+    demo.set_defaults(fn=cmd_demo)
+
+    quant = sub.add_parser("quantize", help="quantize MODEL and write the result to --out")
+    quant.add_argument("model", help="a local Hugging Face model folder, or package.module:factory")
+    _add_recipe_args(quant)
+    quant.add_argument("--out", required=True, help="output folder (must not exist)")
+    quant.set_defaults(fn=cmd_quantize)
+
+    insp = sub.add_parser("inspect", help="print the per-layer plan and the rewritten graph's ops")
+    insp.add_argument("model", help="a model (as for quantize) or a folder written by `qcompile quantize`")
+    _add_recipe_args(insp)
+    insp.add_argument("--graph", action="store_true", help="also print the rewritten graph")
+    insp.set_defaults(fn=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except QcompileError as exc:
+        print(f"qcompile {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

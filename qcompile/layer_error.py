@@ -1,0 +1,39 @@
+"""Per-layer output error of quantized weights, measured on real inputs.
+
+For every linear carrying ``meta['qcompile.qweight']``, the relative error
+``‖x Ŵᵀ − x Wᵀ‖ / ‖x Wᵀ‖`` of its output on the inputs it sees when the float graph runs
+(the example inputs and calibration batches). Read-only.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .calibration import LinearInputInterpreter
+from .graph_utils import QWEIGHT_META, layer_name, linear_weight
+from .quantizers import dequantize_weight
+
+
+
+
+def layer_output_errors(gm: fx.GraphModule, batches: list[list[Any]]) -> dict[str, float]:
+    nodes = [n for n in gm.graph.nodes if QWEIGHT_META in n.meta and linear_weight(gm, n) is not None]
+    dequantized = {n: dequantize_weight(n.meta[QWEIGHT_META]) for n in nodes}
+    err_sq = {n: 0.0 for n in nodes}
+    ref_sq = {n: 0.0 for n in nodes}
+
+    def hook(node: fx.Node, x: torch.Tensor, out: torch.Tensor) -> None:
+        w = linear_weight(gm, node)
+        xf = x.float()
+        delta = torch.nn.functional.linear(xf, dequantized[node] - w.float())
+        ref = torch.nn.functional.linear(xf, w.float())
+        err_sq[node] += float(delta.double().pow(2).sum())
+        ref_sq[node] += float(ref.double().pow(2).sum())
+
+    interp = LinearInputInterpreter(gm, set(nodes), hook)
+    with torch.no_grad():
+        for flat in batches:
+            interp.run(*flat)
+    return {layer_name(n): (err_sq[n] / ref_sq[n]) ** 0.5 if ref_sq[n] > 0 else 0.0 for n in nodes}

@@ -1,0 +1,321 @@
+"""Weight quantizers: pure tensor numerics, with no knowledge of graphs or modules.
+
+A weight ``W`` of shape ``[N, K]`` (out_features x in_features, the ``nn.Linear`` layout)
+is split along K into ``G = K / group_size`` groups per row. Every group has one scale
+and, for asymmetric grids, one zero point, and dequantizes as
+
+    W[n, k] = (code[n, k] - zero[n, k // group_size]) * scale[n, k // group_size]
+
+Storage conventions (see :class:`QuantizedWeight`):
+
+* 8-bit weights are always stored as ``int8``. Symmetric: codes in [-127, 127], no zero
+  point (``zeros is None``, meaning zero point 0). Asymmetric: the unsigned grid 0..255 is
+  shifted by -128 into int8, and so are the zero points (which therefore lie in
+  [-128, 127]); the formula above holds unchanged on the stored values.
+* 4-bit weights are unsigned codes 0..15, packed two per byte (:func:`pack_int4`).
+  Symmetric 4-bit uses zero point 8; :func:`quantize_weight_rtn` always stores the zero
+  points of 4-bit weights explicitly, and ``zeros is None`` on a 4-bit weight means
+  zero point 8 (the midpoint of the code range, as ONNX Runtime's MatMulNBits assumes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "QuantizedWeight",
+    "quantize_weight_rtn",
+    "dequantize_weight",
+    "dequantize_codes",
+    "check_quantized_layout",
+    "pack_int4",
+    "unpack_int4",
+    "INT4_DEFAULT_ZERO_POINT",
+]
+
+SUPPORTED_BITS = (4, 8)
+INT4_DEFAULT_ZERO_POINT = 8
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+# A scale below the smallest normal float32 cannot represent its group (w / scale would
+# lose all precision or overflow); such a group is all zeros or denormal dust, and is
+# quantized with scale 1.0, which maps every value to the zero point.
+_MIN_SCALE = torch.finfo(torch.float32).tiny
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedWeight:
+    """A weight matrix ``[out_features, in_features]`` quantized per group of input channels.
+
+    Attributes:
+        qweight: the codes.
+            * ``bits == 8``: ``int8 [N, K]``. Symmetric: codes in [-127, 127]. Asymmetric:
+              the unsigned code ``c`` in 0..255 is stored as ``c - 128``.
+            * ``bits == 4``: ``uint8 [N, ceil(K / 2)]``, two unsigned codes 0..15 per byte:
+              the low nibble holds column ``2j``, the high nibble column ``2j + 1``. For odd
+              K the high nibble of each row's last byte is padding, always 0, and is never
+              read as a weight (:func:`unpack_int4` drops it).
+        scales: ``float32 [N, G]``, ``G = K // group_size``; always positive.
+        zeros: ``float32 [N, G]`` of integer values, the zero point of each group in the
+            stored code space (for asymmetric 8-bit, shifted by -128 like the codes, so in
+            [-128, 127]; for 4-bit, in 0..15). ``None`` means the default zero point:
+            0 for 8-bit (symmetric int8), 8 for 4-bit.
+        bits: 4 or 8.
+        group_size: input channels per group; equals ``in_features`` for per-channel.
+        in_features: K.
+        out_features: N.
+        symmetric: whether the grid is symmetric around zero. For 8-bit this coincides with
+            ``zeros is None``; symmetric 4-bit weights carry explicit zero points of 8.
+
+    Dequantization: ``w = (code - zero) * scale`` on the stored values (see
+    :func:`dequantize_weight`).
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bits: int
+    group_size: int
+    in_features: int
+    out_features: int
+    symmetric: bool
+
+    def __post_init__(self) -> None:
+        n = check_quantized_layout(
+            self.qweight, self.scales, self.zeros,
+            bits=self.bits, group_size=self.group_size, in_features=self.in_features,
+        )
+        if n != self.out_features:
+            raise ValueError(f"out_features={self.out_features} but qweight has {n} rows")
+        if not isinstance(self.symmetric, bool):
+            raise TypeError(f"symmetric must be a bool, got {self.symmetric!r}")
+        if self.bits == 8 and self.symmetric != (self.zeros is None):
+            raise ValueError(
+                "8-bit weights are symmetric exactly when zeros is None; got "
+                f"symmetric={self.symmetric} with zeros {'None' if self.zeros is None else 'present'}"
+            )
+
+    @property
+    def num_groups(self) -> int:
+        """G, the number of groups per output row."""
+        return self.in_features // self.group_size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by ``qweight``, ``scales`` and ``zeros`` together."""
+        tensors = [self.qweight, self.scales] + ([] if self.zeros is None else [self.zeros])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def check_quantized_layout(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    *,
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> int:
+    """Check that the tensors of a quantized weight agree with each other; return N.
+
+    Only shapes and dtypes are checked (never values), so this also works on fake tensors
+    while tracing. Raises TypeError for a wrong dtype and ValueError for a wrong shape.
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    _check_group_size(group_size, in_features)
+    expected_dtype = torch.int8 if bits == 8 else torch.uint8
+    if qweight.dtype != expected_dtype:
+        raise TypeError(f"{bits}-bit qweight must be {expected_dtype}, got {qweight.dtype}")
+    packed_cols = in_features if bits == 8 else (in_features + 1) // 2
+    if qweight.dim() != 2 or qweight.shape[1] != packed_cols:
+        raise ValueError(
+            f"{bits}-bit qweight for in_features={in_features} must have shape [N, {packed_cols}], "
+            f"got {tuple(qweight.shape)}"
+        )
+    n = qweight.shape[0]
+    groups = in_features // group_size
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if t is None:
+            continue
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {t.dtype}")
+        if tuple(t.shape) != (n, groups):
+            raise ValueError(
+                f"{name} must have shape [N, K / group_size] = [{n}, {groups}] "
+                f"(in_features={in_features}, group_size={group_size}), got {tuple(t.shape)}"
+            )
+    return n
+
+
+def quantize_weight_rtn(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int | None = None,
+    symmetric: bool = True,
+) -> QuantizedWeight:
+    """Quantize ``w [N, K]`` by rounding to the nearest grid point, per group of K.
+
+    Args:
+        w: floating-point weight ``[out_features, in_features]``; computed in float32.
+        bits: 8 or 4.
+        group_size: input channels sharing one scale; must divide K. ``None`` means one
+            group per row (per-channel). A caller that wants a fallback for a group size
+            that does not divide K must pass ``None`` itself.
+        symmetric: symmetric grids have scale ``absmax / qmax`` (qmax 127 for 8-bit, 7 for
+            4-bit) and codes in [-qmax, qmax] (stored with zero point 8 for 4-bit).
+            Asymmetric grids span ``[min(w, 0), max(w, 0)]`` with ``2**bits - 1`` steps and an
+            integer zero point ``round(-min / scale)``.
+
+    Every element is reproduced to within half its group's scale. A group whose scale would
+    be below the smallest normal float32 (all zeros, say) gets scale 1.0 and dequantizes to
+    exactly 0. Raises ValueError for non-finite weights, a group size that does not divide
+    K, or unsupported bits; TypeError for a non-floating weight.
+    """
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    w32 = _as_float32_matrix(w)
+    n, k = w32.shape
+    group_size = k if group_size is None else group_size
+    _check_group_size(group_size, k)
+    groups = w32.reshape(n, k // group_size, group_size)
+    if symmetric:
+        codes, scales, zeros = _quantize_symmetric(groups, bits)
+    else:
+        codes, scales, zeros = _quantize_asymmetric(groups, bits)
+    codes = codes.reshape(n, k)
+    if bits == 8:
+        qweight = codes.to(torch.int8)
+    else:
+        qweight = pack_int4(codes.to(torch.uint8))
+    return QuantizedWeight(
+        qweight=qweight, scales=scales, zeros=zeros, bits=bits, group_size=group_size,
+        in_features=k, out_features=n, symmetric=symmetric,
+    )
+
+
+def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Return the weight ``[N, K]`` that ``qw`` represents, as ``dtype``."""
+    return dequantize_codes(
+        qw.qweight, qw.scales, qw.zeros,
+        bits=qw.bits, group_size=qw.group_size, in_features=qw.in_features, dtype=dtype,
+    )
+
+
+def dequantize_codes(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    *,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Dequantize raw quantized-weight tensors (the layout of :class:`QuantizedWeight`).
+
+    Computes ``(code - zero) * scale`` in float32 (float64 if ``dtype`` is float64, which
+    makes the result exact) and returns ``dtype``.
+    """
+    n = check_quantized_layout(
+        qweight, scales, zeros, bits=bits, group_size=group_size, in_features=in_features
+    )
+    codes = unpack_int4(qweight, in_features) if bits == 4 else qweight
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    grouped = codes.to(compute).reshape(n, in_features // group_size, group_size)
+    if zeros is not None:
+        grouped = grouped - zeros.to(compute).unsqueeze(-1)
+    elif bits == 4:
+        grouped = grouped - INT4_DEFAULT_ZERO_POINT
+    w = grouped * scales.to(compute).unsqueeze(-1)
+    return w.reshape(n, in_features).to(dtype)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack unsigned 4-bit codes ``uint8 [N, K]`` (values 0..15) into ``uint8 [N, ceil(K/2)]``.
+
+    Column ``2j`` goes to the low nibble of byte ``j`` and column ``2j + 1`` to its high
+    nibble; for odd K the last high nibble is 0.
+    """
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"pack_int4 expects uint8 codes, got {codes.dtype}")
+    if codes.dim() != 2:
+        raise ValueError(f"pack_int4 expects a 2-D [N, K] tensor, got shape {tuple(codes.shape)}")
+    if codes.numel() and int(codes.max()) > 15:
+        raise ValueError(f"pack_int4 expects codes in 0..15, got a maximum of {int(codes.max())}")
+    if codes.shape[1] % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: ``uint8 [N, ceil(K/2)]`` -> ``uint8 [N, K]`` codes 0..15."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"unpack_int4 expects uint8 packed codes, got {packed.dtype}")
+    if packed.dim() != 2 or packed.shape[1] != (in_features + 1) // 2:
+        raise ValueError(
+            f"unpack_int4 with in_features={in_features} expects shape [N, {(in_features + 1) // 2}], "
+            f"got {tuple(packed.shape)}"
+        )
+    nibbles = torch.stack((packed & 0x0F, packed >> 4), dim=-1)
+    return nibbles.reshape(packed.shape[0], -1)[:, :in_features]
+
+
+def _check_group_size(group_size: int, in_features: int) -> None:
+    if not isinstance(in_features, (int, torch.SymInt)) or isinstance(in_features, bool) or in_features < 1:
+        raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
+    if in_features % group_size:
+        raise ValueError(
+            f"group_size={group_size} does not divide in_features={in_features}; "
+            "use group_size=None for per-channel quantization"
+        )
+
+
+def _as_float32_matrix(w: torch.Tensor) -> torch.Tensor:
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"weight must be floating point ({', '.join(map(str, _FLOAT_DTYPES))}), got {w.dtype}")
+    if w.dim() != 2 or w.shape[0] == 0 or w.shape[1] == 0:
+        raise ValueError(f"weight must be a non-empty 2-D [out_features, in_features] tensor, got {tuple(w.shape)}")
+    bad = int((~torch.isfinite(w)).sum())
+    if bad:
+        raise ValueError(f"weight of shape {tuple(w.shape)} holds {bad} non-finite values (NaN or Inf)")
+    w32 = w.detach().to(torch.float32)
+    if not bool(torch.isfinite(w32).all()):
+        raise ValueError(f"weight of shape {tuple(w.shape)} holds values beyond the float32 range")
+    return w32
+
+
+def _usable_scale(scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale < _MIN_SCALE, torch.ones_like(scale), scale)
+
+
+def _quantize_symmetric(groups: torch.Tensor, bits: int):
+    """groups [N, G, g] -> (codes [N, G, g] in stored space, scales [N, G], zeros or None)."""
+    qmax = 2 ** (bits - 1) - 1
+    scales = _usable_scale(groups.abs().amax(dim=-1) / qmax)
+    q = torch.clamp(torch.round(groups / scales.unsqueeze(-1)), -qmax, qmax)
+    if bits == 8:
+        return q, scales, None
+    zeros = torch.full_like(scales, INT4_DEFAULT_ZERO_POINT)
+    return q + INT4_DEFAULT_ZERO_POINT, scales, zeros
+
+
+def _quantize_asymmetric(groups: torch.Tensor, bits: int):
+    """groups [N, G, g] -> (codes [N, G, g] in stored space, scales [N, G], zeros [N, G])."""
+    levels = 2**bits - 1
+    lo = groups.amin(dim=-1).clamp(max=0.0)
+    hi = groups.amax(dim=-1).clamp(min=0.0)
+    # hi / levels - lo / levels rather than (hi - lo) / levels: hi - lo can overflow float32.
+    scales = _usable_scale(hi / levels - lo / levels)
+    zeros = torch.clamp(torch.round(-lo / scales), 0, levels)
+    codes = torch.clamp(torch.round(groups / scales.unsqueeze(-1)) + zeros.unsqueeze(-1), 0, levels)
+    if bits == 8:
+        shift = 2 ** (bits - 1)
+        return codes - shift, scales, zeros - shift
+    return codes, scales, zeros

@@ -1,0 +1,75 @@
+"""The per-layer report of a quantized model: what each layer became and what it cost."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .pipeline import PassRecord
+from .recipe import Recipe
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+@dataclass
+class Report:
+    recipe: Recipe
+    layers: list[dict[str, Any]]
+    passes: list[PassRecord] = field(default_factory=list)
+    error_inputs: str = "example inputs"
+
+    @property
+    def quantized_bytes(self) -> int:
+        return sum(int(r.get("bytes", r.get("float_bytes", 0))) for r in self.layers)
+
+    @property
+    def float_bytes(self) -> int:
+        return sum(int(r.get("float_bytes", 0)) for r in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe.name,
+            "layers": [{k: v for k, v in r.items() if k != "node"} for r in self.layers],
+            "passes": [vars(p) for p in self.passes],
+            "linear_bytes": {"float": self.float_bytes, "quantized": self.quantized_bytes},
+        }
+
+    def table(self) -> str:
+        head = ("layer", "shape", "format", "bits", "bytes", "out err", "note")
+        rows = [
+            (
+                r["layer"],
+                f"{r['shape'][0]}x{r['shape'][1]}",
+                r.get("format", "float"),
+                str(r.get("bits", "")),
+                _fmt_bytes(r.get("bytes", r.get("float_bytes", 0))),
+                f"{r['output_error']:.2e}" if "output_error" in r else "-",
+                r.get("note", ""),
+            )
+            for r in self.layers
+        ]
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+        line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+        out = [f"qcompile report — recipe {self.recipe.name} ({self.recipe.weight_format})", line(head)]
+        out.append("  ".join("-" * w for w in widths))
+        out += [line(r) for r in rows]
+        if self.float_bytes:
+            out.append(
+                f"linear weights: {_fmt_bytes(self.float_bytes)} float -> {_fmt_bytes(self.quantized_bytes)} "
+                f"({self.float_bytes / max(self.quantized_bytes, 1):.2f}x smaller); "
+                f"out err = relative output error of each layer on the {self.error_inputs}"
+            )
+        if self.passes:
+            out.append("passes: " + ", ".join(
+                f"{p.name} {p.seconds * 1000:.0f} ms ({p.nodes_before}->{p.nodes_after} ops, verified {p.verified})"
+                for p in self.passes
+            ))
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.table()
