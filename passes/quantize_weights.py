@@ -1,5 +1,8 @@
 """Quantize weights: choose each linear's weight format and round its weight (RTN).
 
+Round-to-nearest on a min/max grid, or on the grid whose range (searched per group over
+``recipe.clip_ratios``) gives the least squared weight error.
+
 The pass attaches a :class:`qcompile.quantizers.QuantizedWeight` to each linear it
 quantizes (``node.meta['qcompile.qweight']``) and records a report row per layer; the
 graph's ops are rewritten later by ``lower_to_kernels``. The rounding itself is pure
@@ -42,11 +45,12 @@ def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             row.update(format="float", bits=weight.element_size() * 8, note=f"in_features < {recipe.min_in_features}")
             continue
         group, note = _group_for(recipe, in_features)
-        qweight = quantize_weight_rtn(weight, recipe.weight_bits, group, recipe.symmetric)
+        qweight = quantize_weight_rtn(weight, recipe.weight_bits, group, recipe.symmetric,
+                                      clip_ratios=recipe.clip_ratios or None)
         node.meta[QWEIGHT_META] = qweight
         row.update(
             format=f"int{recipe.weight_bits} " + (f"g{group}" if group else "per-channel")
-            + (" sym" if recipe.symmetric else " asym"),
+            + (" sym" if recipe.symmetric else " asym") + (" clip-search" if recipe.clip_ratios else ""),
             bits=recipe.weight_bits,
             group_size=group,
             bytes=qweight.nbytes,

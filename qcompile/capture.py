@@ -18,6 +18,7 @@ every shape the model accepts.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.fx.experimental._config  # noqa: F401  (size-oblivious tracing switch)
 import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
@@ -46,6 +48,8 @@ class CapturedGraph:
     constant_inputs: list[Any] = field(default_factory=list)
     # Human-readable path of each flat input (``kwargs['input_ids']``).
     input_paths: list[str] = field(default_factory=list)
+    # (flat input index, dimension, smallest size, largest size or None) the graph is valid for.
+    dim_ranges: list[tuple[int, int, int, int | None]] = field(default_factory=list)
 
     def flatten_inputs(self, args: tuple, kwargs: dict) -> list[Any]:
         """Flatten call arguments and check them against the captured structure."""
@@ -79,13 +83,24 @@ class CapturedGraph:
                     f"input {self.input_paths[i]} has {value.dim()} dimensions; the model was captured with {val.dim()}"
                 )
             for d, size in enumerate(val.shape):
-                if isinstance(size, int) and value.shape[d] != size:
+                if not isinstance(size, int):
+                    continue
+                if value.shape[d] != size:
                     raise InputMismatchError(
                         f"input {self.input_paths[i]} dimension {d} is {value.shape[d]}, but the captured graph "
                         f"is specialized to {size} (torch.export makes a dimension static when the example has "
                         "size 0 or 1 there, or the model's code requires it): capture with an example of size >= 2 "
                         "in that dimension"
                     )
+
+        for i, d, low, high in self.dim_ranges:
+            size = flat[i].shape[d]
+            if size < low or (high is not None and size > high):
+                bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+                raise InputMismatchError(
+                    f"input {self.input_paths[i]} dimension {d} is {size}; the captured graph is valid for sizes "
+                    f"{bound} (a constraint torch.export found in the model's code)"
+                )
 
     def unflatten_outputs(self, flat_out: Any) -> Any:
         return pytree.tree_unflatten(list(flat_out), self.out_spec)
@@ -193,6 +208,19 @@ def dynamic_shapes_for(fn: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
     return {name: _auto_dims(value) for name, value in bound.arguments.items()}
 
 
+def _size_oblivious() -> contextlib.AbstractContextManager:
+    """Trace dynamic dimensions size-obliviously where torch supports it.
+
+    Plain ``Dim.AUTO`` assumes every dynamic size is >= 2 (0/1 specialization), so a graph
+    captured at batch 8 would refuse batch 1. Size-oblivious tracing proves the graph for
+    every size and keeps only the bounds the model's code really needs.
+    """
+    config = torch.fx.experimental._config
+    if hasattr(config, "backed_size_oblivious"):
+        return config.patch(backed_size_oblivious=True)
+    return contextlib.nullcontext()
+
+
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, dynamic: bool = True) -> CapturedGraph:
     """Capture ``model(*args, **kwargs)`` as a canonical graph (see the module docstring)."""
     kwargs = dict(kwargs or {})
@@ -208,7 +236,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, 
     register_output_types(output)
     dynamic_shapes = dynamic_shapes_for(model.forward, args, kwargs) if dynamic else None
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _size_oblivious():
             ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
             ep = ep.run_decompositions({})
     except Exception as exc:  # re-raised with the reason and what to do instead
@@ -285,7 +313,25 @@ def freeze_exported_program(ep: ExportedProgram) -> CapturedGraph:
     out.graph.lint()
     in_spec = ep.call_spec.in_spec
     paths = [pytree.keystr(p) for p, _ in pytree.tree_flatten_with_path(pytree.tree_unflatten([0] * in_spec.num_leaves, in_spec))[0]]
-    return CapturedGraph(out, in_spec, ep.call_spec.out_spec, constant_inputs, paths)
+    return CapturedGraph(out, in_spec, ep.call_spec.out_spec, constant_inputs, paths, _dim_ranges(ep, user_nodes))
+
+
+def _dim_ranges(ep: ExportedProgram, user_nodes: list[fx.Node]) -> list[tuple[int, int, int, int | None]]:
+    """The size range export proved for each symbolic input dimension."""
+    out = []
+    for i, node in enumerate(user_nodes):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        for d, size in enumerate(val.shape):
+            expr = getattr(getattr(size, "node", None), "expr", None)
+            vr = ep.range_constraints.get(expr) if expr is not None else None
+            if vr is None:
+                continue
+            low = int(vr.lower) if getattr(vr.lower, "is_Integer", False) else 0
+            high = int(vr.upper) if getattr(vr.upper, "is_Integer", False) else None
+            out.append((i, d, low, high))
+    return out
 
 
 def _specialized_value(val: Any) -> Any:

@@ -153,6 +153,7 @@ def quantize_weight_rtn(
     bits: int,
     group_size: int | None = None,
     symmetric: bool = True,
+    clip_ratios: tuple[float, ...] | None = None,
 ) -> QuantizedWeight:
     """Quantize ``w [N, K]`` by rounding to the nearest grid point, per group of K.
 
@@ -166,6 +167,11 @@ def quantize_weight_rtn(
             4-bit) and codes in [-qmax, qmax] (stored with zero point 8 for 4-bit).
             Asymmetric grids span ``[min(w, 0), max(w, 0)]`` with ``2**bits - 1`` steps and an
             integer zero point ``round(-min / scale)``.
+        clip_ratios: optional range search: for each group, the grid's range is shrunk by
+            each ratio in turn (1.0 = the full range) and the ratio whose rounded weights
+            have the smallest squared error is kept. Rounding stays round-to-nearest; only
+            the grid changes. Shrinking trades clipping a few outliers for finer steps
+            for the rest. None (or ``(1.0,)``) is plain min/max RTN.
 
     Every element is reproduced to within half its group's scale. A group whose scale would
     be below the smallest normal float32 (all zeros, say) gets scale 1.0 and dequantizes to
@@ -181,10 +187,7 @@ def quantize_weight_rtn(
     group_size = k if group_size is None else group_size
     _check_group_size(group_size, k)
     groups = w32.reshape(n, k // group_size, group_size)
-    if symmetric:
-        codes, scales, zeros = _quantize_symmetric(groups, bits)
-    else:
-        codes, scales, zeros = _quantize_asymmetric(groups, bits)
+    codes, scales, zeros = _quantize_groups(groups, bits, symmetric, _check_clip_ratios(clip_ratios))
     codes = codes.reshape(n, k)
     if bits == 8:
         qweight = codes.to(torch.int8)
@@ -295,10 +298,42 @@ def _usable_scale(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale < _MIN_SCALE, torch.ones_like(scale), scale)
 
 
-def _quantize_symmetric(groups: torch.Tensor, bits: int):
+def _check_clip_ratios(clip_ratios: tuple[float, ...] | None) -> tuple[float, ...]:
+    if clip_ratios is None:
+        return (1.0,)
+    ratios = tuple(float(r) for r in clip_ratios)
+    if not ratios or not all(0.0 < r <= 1.0 for r in ratios):
+        raise ValueError(f"clip_ratios must be a non-empty sequence of numbers in (0, 1], got {clip_ratios!r}")
+    return ratios
+
+
+def _quantize_groups(groups: torch.Tensor, bits: int, symmetric: bool, ratios: tuple[float, ...]):
+    """Quantize groups [N, G, g] with each range ratio; keep, per group, the least squared error."""
+    quantize = _quantize_symmetric if symmetric else _quantize_asymmetric
+    best = None
+    best_err = None
+    for ratio in ratios:
+        codes, scales, zeros = quantize(groups, bits, ratio)
+        if len(ratios) == 1:
+            return codes, scales, zeros
+        offset = zeros if zeros is not None else torch.zeros_like(scales)
+        err = ((codes - offset.unsqueeze(-1)) * scales.unsqueeze(-1) - groups).pow(2).sum(dim=-1)
+        if best is None:
+            best, best_err = [codes, scales, zeros], err
+            continue
+        better = err < best_err
+        best[0] = torch.where(better.unsqueeze(-1), codes, best[0])
+        best[1] = torch.where(better, scales, best[1])
+        if zeros is not None:
+            best[2] = torch.where(better, zeros, best[2])
+        best_err = torch.minimum(err, best_err)
+    return best[0], best[1], best[2]
+
+
+def _quantize_symmetric(groups: torch.Tensor, bits: int, ratio: float = 1.0):
     """groups [N, G, g] -> (codes [N, G, g] in stored space, scales [N, G], zeros or None)."""
     qmax = 2 ** (bits - 1) - 1
-    scales = _usable_scale(groups.abs().amax(dim=-1) / qmax)
+    scales = _usable_scale(groups.abs().amax(dim=-1) * ratio / qmax)
     q = torch.clamp(torch.round(groups / scales.unsqueeze(-1)), -qmax, qmax)
     if bits == 8:
         return q, scales, None
@@ -306,11 +341,11 @@ def _quantize_symmetric(groups: torch.Tensor, bits: int):
     return q + INT4_DEFAULT_ZERO_POINT, scales, zeros
 
 
-def _quantize_asymmetric(groups: torch.Tensor, bits: int):
+def _quantize_asymmetric(groups: torch.Tensor, bits: int, ratio: float = 1.0):
     """groups [N, G, g] -> (codes [N, G, g] in stored space, scales [N, G], zeros [N, G])."""
     levels = 2**bits - 1
-    lo = groups.amin(dim=-1).clamp(max=0.0)
-    hi = groups.amax(dim=-1).clamp(min=0.0)
+    lo = groups.amin(dim=-1).clamp(max=0.0) * ratio
+    hi = groups.amax(dim=-1).clamp(min=0.0) * ratio
     # hi / levels - lo / levels rather than (hi - lo) / levels: hi - lo can overflow float32.
     scales = _usable_scale(hi / levels - lo / levels)
     zeros = torch.clamp(torch.round(-lo / scales), 0, levels)

@@ -26,6 +26,9 @@ class Recipe:
         activation_bits: 16 — activations stay in 16-bit floating point (the fast CPU
             kernels compute in bfloat16).
         method: weight rounding, ``"rtn"`` (round to nearest).
+        clip_ratios: weight range search: per group, shrink the grid's range by each ratio
+            and keep the one with the least squared rounding error (still round-to-nearest;
+            ``()`` = plain min/max). The w4a16 preset searches ``CLIP_SEARCH``.
         keep_float: glob patterns of layer names (the weight's source name without
             ``.weight``, e.g. ``"lm_head"`` or ``"*.attention.*"``) left in floating point.
         min_in_features: linears with fewer input features stay in floating point.
@@ -37,6 +40,7 @@ class Recipe:
     symmetric: bool = True
     activation_bits: int = 16
     method: str = "rtn"
+    clip_ratios: tuple[float, ...] = ()
     keep_float: tuple[str, ...] = ()
     min_in_features: int = 1
 
@@ -58,6 +62,11 @@ class Recipe:
             raise RecipeError(f"method must be one of {_METHODS}, got {self.method!r}")
         if not isinstance(self.symmetric, bool):
             raise RecipeError(f"symmetric must be True or False, got {self.symmetric!r}")
+        if isinstance(self.clip_ratios, (str, bytes)) or not all(
+            isinstance(r, (int, float)) and 0.0 < r <= 1.0 for r in self.clip_ratios
+        ):
+            raise RecipeError(f"clip_ratios must be numbers in (0, 1], got {self.clip_ratios!r}")
+        object.__setattr__(self, "clip_ratios", tuple(float(r) for r in self.clip_ratios))
         if isinstance(self.keep_float, str) or not all(isinstance(p, str) for p in self.keep_float):
             raise RecipeError(f"keep_float must be a tuple of glob patterns, got {self.keep_float!r}")
         object.__setattr__(self, "keep_float", tuple(self.keep_float))
@@ -79,9 +88,12 @@ class Recipe:
         return f"w{self.weight_bits}a{self.activation_bits}"
 
 
+# Range ratios searched by the 4-bit presets: 1.0 down to 0.62 in steps of 0.02.
+CLIP_SEARCH = tuple(round(1.0 - 0.02 * i, 2) for i in range(20))
+
 PRESETS: dict[str, Recipe] = {
     "w8a16": Recipe(name="w8a16", weight_bits=8, group_size=None, symmetric=True),
-    "w4a16": Recipe(name="w4a16", weight_bits=4, group_size=128, symmetric=False),
+    "w4a16": Recipe(name="w4a16", weight_bits=4, group_size=128, symmetric=False, clip_ratios=CLIP_SEARCH),
 }
 
 DEFAULT_PRESET = "w8a16"
@@ -100,7 +112,8 @@ def resolve_recipe(recipe: "str | Recipe | dict[str, Any] | None") -> Recipe:
     if isinstance(recipe, dict):
         fields = dict(recipe)
         base = resolve_recipe(fields.pop("preset", None)) if "preset" in fields else Recipe()
-        if "keep_float" in fields and isinstance(fields["keep_float"], list):
-            fields["keep_float"] = tuple(fields["keep_float"])
+        for key in ("keep_float", "clip_ratios"):
+            if isinstance(fields.get(key), list):
+                fields[key] = tuple(fields[key])
         return base.replace(**fields)
     raise RecipeError(f"a recipe is a preset name, a qcompile.Recipe or a dict, got {type(recipe).__name__}")

@@ -153,7 +153,7 @@ def _text_entry(
 
 
 # --------------------------------------------------------------------------- configs
-# Common to all: 2 layers, attention implementation fixed, float32.
+# Common to all: 2 layers (the attention implementation is a parameter of every config).
 _COMMON = dict(num_hidden_layers=2)
 
 
