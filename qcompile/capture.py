@@ -34,6 +34,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from .errors import CaptureError, InputMismatchError
 from .graph_utils import _attr_name
 
+_SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
 _LEAF_TYPES = (torch.Tensor, int, float, bool, str, complex, type(None), torch.dtype, torch.device)
 
 
@@ -138,17 +139,18 @@ def _register_state_class(cls: type) -> None:
 
     def flatten(obj: Any):
         state = vars(obj)
-        keys = tuple(sorted(k for k, v in state.items() if _contains_tensor(v)))
-        static = tuple(sorted((k, v) for k, v in state.items() if k not in keys and _is_static(v)))
-        dropped = tuple(sorted(k for k in state if k not in keys and not _is_static(state[k])))
-        return [state[k] for k in keys], (cls, keys, static, dropped)
+        # Tensors, and sizes that are symbolic while tracing (a cache's length), are
+        # children; everything else rides along unchanged in the context.
+        keys = tuple(sorted(k for k, v in state.items() if _contains_tensor(v) or isinstance(v, _SYMBOLIC)))
+        static = tuple((k, state[k]) for k in sorted(state) if k not in keys)
+        return [state[k] for k in keys], (cls, keys, static)
 
     def flatten_with_keys(obj: Any):
         children, context = flatten(obj)
         return [(pytree.GetAttrKey(k), c) for k, c in zip(context[1], children)], context
 
     def unflatten(children: Any, context: Any):
-        klass, keys, static, _ = context
+        klass, keys, static = context
         obj = klass.__new__(klass)
         obj.__dict__.update(dict(static))
         obj.__dict__.update(zip(keys, children))
@@ -160,12 +162,6 @@ def _register_state_class(cls: type) -> None:
         unflatten,
         serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
         flatten_with_keys_fn=flatten_with_keys,
-    )
-
-
-def _is_static(value: Any) -> bool:
-    return isinstance(value, (int, float, bool, str, type(None), torch.dtype, torch.device)) or (
-        isinstance(value, tuple) and all(_is_static(v) for v in value)
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -50,10 +51,11 @@ def _quantize_loaded(args: argparse.Namespace):
     from .api import quantize
     from .model_loading import load_calibration, load_model
 
+    recipe = _recipe_from(args)  # a bad recipe is reported before a model is loaded
     loaded = load_model(args.model)
     calibration = load_calibration(args.calib, loaded) if args.calib else None
     ex_args, ex_kwargs = loaded.example
-    qm = quantize(loaded.model, ex_args, ex_kwargs, recipe=_recipe_from(args), calibration=calibration)
+    qm = quantize(loaded.model, ex_args, ex_kwargs, recipe=recipe, calibration=calibration)
     return loaded, qm
 
 
@@ -78,6 +80,11 @@ def _write_output(out: Path, loaded, qm) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        # mkdtemp makes the folder private (0700) and safetensors writes 0600 files; give the
+        # result the permissions mkdir/open would (the umask's), like any other output.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
         report = qm.report()
         (tmp / "report.txt").write_text(str(report) + "\n")
         (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
@@ -85,6 +92,7 @@ def _write_output(out: Path, loaded, qm) -> None:
         tensors = {k: v.contiguous() for k, v in qm.graph_module.state_dict().items()}
         save_file(tensors, str(tmp / "weights.safetensors"), metadata={"recipe": report.recipe.name,
                                                                        "model": loaded.description})
+        (tmp / "weights.safetensors").chmod(0o666 & ~umask)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

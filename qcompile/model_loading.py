@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,11 @@ def _example_as_call(example: Any) -> tuple[tuple, dict]:
 
 def _load_factory(spec: str) -> LoadedModel:
     module_name, _, attr = spec.partition(":")
+    # The console script's sys.path holds the script's folder, not the working directory
+    # (unlike ``python -m``); look there too, as ``python -m`` and uvicorn/gunicorn do.
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -106,7 +112,13 @@ def load_calibration(path: str, loaded: LoadedModel, *, batch_size: int = 8, max
     if not file.is_file():
         raise CalibrationError(f"calibration file {path} does not exist")
     if file.suffix == ".pt":
-        data = torch.load(file, weights_only=True)
+        try:
+            data = torch.load(file, weights_only=True)
+        except Exception as exc:  # a corrupt file, or pickled objects weights_only refuses
+            raise CalibrationError(
+                f"cannot read calibration file {path} with torch.load(weights_only=True): {type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            ) from exc
         if not isinstance(data, (list, tuple)):
             raise CalibrationError(f"{path} must hold a list of batches, got {type(data).__name__}")
         return list(data)

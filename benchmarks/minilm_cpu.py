@@ -1,0 +1,291 @@
+"""CPU speed of qcompile's weight-only linears and of the whole all-MiniLM-L6-v2.
+
+    .venv/bin/python benchmarks/minilm_cpu.py [--quick] [--threads N] [--skip-ops] [--skip-model]
+
+Part A — the ops ``qcompile::linear_w8a16`` (int8, per-channel symmetric) and
+``qcompile::linear_w4a16`` (int4, group 128 asymmetric) against ``F.linear`` in float32 and
+in bfloat16, at MiniLM's linear shapes and at K = N = 4096. The quantized ops get float32
+activations (what a float32 model's graph hands them; they cast to bfloat16 inside: "a16").
+bf16 ``F.linear`` gets bfloat16 activations and a bfloat16 weight.
+
+Part B — the whole model on one batch of 32 held-out texts padded/truncated to exactly 128
+tokens: eager fp32, an eager bf16 copy, ``qcompile.quantize`` (eager graph), Inductor fp32
+and bf16, and ``torch.compile(backend="qcompile")`` (inner Inductor). Compiled candidates are
+warmed up (compile time excluded from the latency, reported separately).
+
+Every latency is the median of interleaved runs (A, B, C, A, B, C, ...) and every ratio
+is taken between medians of the same run: the machine is shared and noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+import qcompile
+from qcompile.data import calibration_and_heldout, batches, load_minilm
+from qcompile.kernels._common import MANY_ROWS
+from qcompile.quantizers import quantize_weight_rtn
+from qcompile.timing import time_interleaved
+
+MINILM_SHAPES = [(384, 384), (384, 1536), (1536, 384)]  # (K, N)
+MINILM_ROWS = [1, 8, 128, 4096]
+LARGE_SHAPE = (4096, 4096)
+LARGE_ROWS = [1, 8, 32]
+W4_GROUP = 128
+
+
+# --------------------------------------------------------------------------- reporting helpers
+
+def command_line() -> str:
+    exe = sys.executable
+    rel = os.path.relpath(exe)
+    if not rel.startswith(".."):
+        exe = rel
+    return shlex.join([exe, *sys.argv])
+
+
+def cpu_model() -> str:
+    """CPU model name (lscpu, else /proc/cpuinfo, else platform.processor()), family/model, ISA."""
+    name = family = model = None
+    flags: list[str] = []
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        fields = {}
+        for line in out.splitlines():
+            key, sep, value = line.partition(":")
+            if sep:
+                fields[key.strip()] = value.strip()
+        name, family, model = fields.get("Model name"), fields.get("CPU family"), fields.get("Model")
+        flags = fields.get("Flags", "").split()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    if not name:
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+        except OSError:
+            pass
+    name = name or platform.processor() or platform.machine()
+    extra = []
+    if family and model:
+        extra.append(f"family {family} model {model}")
+    isa = [f for f in ("avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
+    if isa:
+        extra.append(", ".join(isa))
+    return f"{name} ({'; '.join(extra)})" if extra else name
+
+
+def header(title: str, threads: int) -> str:
+    return "\n".join([
+        f"# {title}", "", "```", command_line(), "```", "",
+        f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}",
+        f"- torch {torch.__version__}, Python {platform.python_version()}, threads: torch.set_num_threads({threads})",
+        f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
+        "",
+    ])
+
+
+def markdown_table(head: Sequence[str], rows: Sequence[Sequence[object]], align: str | None = None) -> str:
+    """A Markdown table; ``align`` has one character per column, 'l' or 'r' (default: l then r)."""
+    align = align or ("l" + "r" * (len(head) - 1))
+    cells = [[str(c) for c in head]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
+
+    def fmt(row):
+        return "| " + " | ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align)) + " |"
+
+    sep = "|" + "|".join(":" + "-" * (w + 1) if a == "l" else "-" * (w + 1) + ":" for w, a in zip(widths, align)) + "|"
+    return "\n".join([fmt(cells[0]), sep, *(fmt(r) for r in cells[1:])])
+
+
+def emit(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def fmt_ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.1f}"
+
+
+# --------------------------------------------------------------------------- part A: ops
+
+def _batched(fn: Callable[[], object], inner: int) -> Callable[[], object]:
+    """``fn`` called ``inner`` times per sample (short ops: fewer timer/scheduler artifacts)."""
+    if inner == 1:
+        return fn
+
+    def run():
+        for _ in range(inner):
+            fn()
+    return run
+
+
+def bench_ops(quick: bool) -> str:
+    torch.manual_seed(0)
+    cases = [(k, n, m) for k, n in MINILM_SHAPES for m in MINILM_ROWS]
+    cases += [(LARGE_SHAPE[0], LARGE_SHAPE[1], m) for m in LARGE_ROWS]
+    w8, w4 = torch.ops.qcompile.linear_w8a16, torch.ops.qcompile.linear_w4a16
+    rows = []
+    for k, n, m in cases:
+        w = torch.randn(n, k) / k**0.5
+        x = torch.randn(m, k)
+        wb, xb = w.to(torch.bfloat16), x.to(torch.bfloat16)
+        q8 = quantize_weight_rtn(w, 8, group_size=None, symmetric=True)
+        q4 = quantize_weight_rtn(w, 4, group_size=W4_GROUP, symmetric=False)
+        fns = {
+            "fp32": lambda: F.linear(x, w),
+            "bf16": lambda: F.linear(xb, wb),
+            "w8a16": lambda: w8(x, q8.qweight, q8.scales, q8.zeros, None, q8.group_size),
+            "w4a16": lambda: w4(x, q4.qweight, q4.scales, q4.zeros, None, q4.group_size),
+        }
+        with torch.no_grad():
+            for fn in fns.values():  # first call builds the int4 layout cache
+                fn()
+            t0 = time.perf_counter()
+            fns["fp32"]()
+            one = time.perf_counter() - t0
+        # Each sample lasts at least ~2 ms (several calls of a short op).
+        inner = max(1, min(200, int(2e-3 / max(one, 1e-6))))
+        batched = {name: _batched(fn, inner) for name, fn in fns.items()}
+        t = time_interleaved(batched, warmup=2 if quick else 3, repeat=7 if quick else 21,
+                             min_seconds=0.2 if quick else 1.0)
+        s = {name: t[name].median_s / inner for name in fns}
+        path8 = "dq+bf16" if m >= MANY_ROWS[8] else "int8pack"
+        path4 = "dq+bf16" if m >= MANY_ROWS[4] else "int4pack"
+        rows.append([
+            f"{k}x{n}", m, fmt_ms(s["fp32"]), fmt_ms(s["bf16"]), fmt_ms(s["w8a16"]), fmt_ms(s["w4a16"]),
+            f"{s['fp32'] / s['bf16']:.2f}x", f"{s['fp32'] / s['w8a16']:.2f}x", f"{s['fp32'] / s['w4a16']:.2f}x",
+            f"{s['bf16'] / s['w8a16']:.2f}x", f"{s['bf16'] / s['w4a16']:.2f}x", f"{path8} / {path4}",
+        ])
+        print(f"  [ops] K x N = {k}x{n}, M = {m}: done", file=sys.stderr, flush=True)
+    head = ["K x N", "M", "fp32 ms", "bf16 ms", "w8a16 ms", "w4a16 ms", "bf16 speedup", "w8a16 speedup",
+            "w4a16 speedup", "w8a16 vs bf16", "w4a16 vs bf16", "path (w8 / w4)"]
+    return markdown_table(head, rows, "lr" + "r" * 9 + "l")
+
+
+# --------------------------------------------------------------------------- part B: whole model
+
+def timing_batch(tokenizer, batch: int = 32, seq: int = 128) -> dict[str, torch.Tensor]:
+    """``batch`` held-out texts, padded/truncated to exactly ``seq`` tokens."""
+    _, heldout = calibration_and_heldout(0, batch)
+    enc = tokenizer(heldout, padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
+    enc = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+    assert enc["input_ids"].shape == (batch, seq), enc["input_ids"].shape
+    return enc
+
+
+def bench_model(quick: bool) -> tuple[str, str]:
+    # Each compiled candidate is its own copy of the model; Dynamo keeps one cache entry per
+    # copy and backend on BertModel.forward, so allow more entries than the default.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+    model, tokenizer = load_minilm()
+    enc = timing_batch(tokenizer)
+    real_tokens = int(enc["attention_mask"].sum())
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    calib_texts, _ = calibration_and_heldout(16, 256)
+    calib = list(batches(calib_texts, tokenizer, batch_size=16))
+
+    candidates: dict[str, Callable[[], object]] = {}
+    setup: list[list[str]] = []
+
+    def add(name: str, fn: Callable[[], object], how: str, prepare: Callable[[], object] | None = None):
+        t0 = time.perf_counter()
+        if prepare is not None:
+            fn = prepare()
+        with torch.no_grad():
+            t1 = time.perf_counter()
+            fn()
+            first = time.perf_counter() - t1
+        prep = t1 - t0
+        setup.append([name, how, f"{prep:.1f}" if prepare is not None else "-", f"{first:.1f}"])
+        candidates[name] = fn
+        print(f"  [model] {name}: ready (prepare {prep:.1f} s, first call {first:.1f} s)", file=sys.stderr, flush=True)
+
+    add("eager fp32", lambda: model(**enc), "the Hugging Face model")
+    add("eager bf16", lambda: bf16(**enc), "deepcopy(model).to(bfloat16)")
+    for recipe in ("w8a16", "w4a16"):
+        def prepare(recipe=recipe):
+            qm = qcompile.quantize(model, kwargs=calib[0], recipe=recipe, calibration=calib, progress=False)
+            return lambda: qm(**enc)
+        add(f"qcompile.quantize {recipe}", None, "qcompile.quantize(...), eager graph", prepare)
+    if not quick:
+        add("Inductor fp32", None, "torch.compile(model)",
+            lambda: (lambda c: (lambda: c(**enc)))(torch.compile(copy.deepcopy(model))))
+        add("Inductor bf16", None, "torch.compile(bf16 copy)",
+            lambda: (lambda c: (lambda: c(**enc)))(torch.compile(copy.deepcopy(bf16))))
+        for recipe in ("w8a16", "w4a16"):
+            def prepare(recipe=recipe):
+                c = torch.compile(copy.deepcopy(model), backend="qcompile",
+                                  options={"recipe": recipe, "inner": "inductor"})
+                return lambda: c(**enc)
+            add(f"backend=qcompile {recipe}", None,
+                f'torch.compile(model, backend="qcompile", options={{"recipe": "{recipe}"}})', prepare)
+
+    t = time_interleaved(candidates, warmup=1 if quick else 2, repeat=3 if quick else 7)
+    fp32 = t["eager fp32"].median_s
+    ind = t["Inductor fp32"].median_s if "Inductor fp32" in t else None
+    rows = []
+    for name in candidates:
+        s = t[name].median_s
+        rows.append([
+            name, f"{s * 1e3:.0f}", f"{fp32 / s:.2f}x", f"{ind / s:.2f}x" if ind else "-",
+            f"{s * 1e3 / real_tokens * 1e3:.1f}",
+        ])
+    head = ["model", "ms / batch", "speedup vs eager fp32", "speedup vs Inductor fp32", "us / real token"]
+    table = markdown_table(head, rows)
+    setup_table = markdown_table(["model", "how", "prepare s (quantize / compile)", "first call s"], setup, "llrr")
+    note = (f"batch: 32 held-out docstrings x 128 tokens ({real_tokens} of 4096 tokens are real text, the rest padding); "
+            f"{len(t['eager fp32'].samples)} interleaved rounds after warm-up, medians; "
+            f"qcompile.quantize calibrates on {len(calib_texts)} texts.")
+    return table + "\n\n" + note, setup_table
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer repeats; skip Inductor and the qcompile backend")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--skip-ops", action="store_true", help="skip part A (linear ops)")
+    p.add_argument("--skip-model", action="store_true", help="skip part B (whole model)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+
+    emit(header("qcompile CPU speed: weight-only linears and all-MiniLM-L6-v2", args.threads))
+    if not args.skip_ops:
+        emit("## A. Weight-only linear ops vs F.linear")
+        emit()
+        emit("`y = x @ W.T`, x `[M, K]`, W `[N, K]` random. Speedup = fp32 `F.linear` median / candidate median "
+             "(> 1 is faster). w8a16: int8 per-channel symmetric; w4a16: int4 group 128 asymmetric; both "
+             "called with float32 x. bf16: `F.linear` on bf16 x and bf16 W. Path: what the op's CPU dispatch "
+             f"runs (`MANY_ROWS` = {MANY_ROWS}: from that many rows it dequantizes to bf16 and runs a bf16 GEMM).")
+        emit()
+        emit(bench_ops(args.quick))
+        emit()
+    if not args.skip_model:
+        emit("## B. Whole all-MiniLM-L6-v2, batch 32 x 128 tokens")
+        emit()
+        table, setup_table = bench_model(args.quick)
+        emit(table)
+        emit()
+        emit("One-time costs (not in the latencies above):")
+        emit()
+        emit(setup_table)
+        emit()
+    emit(f"(total wall time {time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
