@@ -111,6 +111,8 @@ def quantize(
             function-preserving passes).
         dump_dir: write the readable graph after every pass into this folder.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"qcompile.quantize expects a torch.nn.Module, got {type(model).__name__}")
     recipe_obj = resolve_recipe(recipe)
     if not isinstance(args, tuple):
         args = (args,)

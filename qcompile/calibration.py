@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from collections.abc import Iterable
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -81,10 +82,10 @@ def flatten_calibration(captured: CapturedGraph, calibration: Iterable[Any] | No
     """Check every calibration batch against the captured inputs and flatten it."""
     if calibration is None:
         return []
-    if isinstance(calibration, (torch.Tensor, Mapping)):
+    if isinstance(calibration, (torch.Tensor, Mapping)) or not isinstance(calibration, Iterable):
         raise CalibrationError(
             "calibration must be an iterable of batches (e.g. a list of dicts from a tokenizer), "
-            f"not a single {type(calibration).__name__}; wrap it in a list"
+            f"not a single {type(calibration).__name__}; wrap a single batch in a list"
         )
     flat_batches = []
     for i, batch in enumerate(calibration):

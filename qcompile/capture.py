@@ -30,6 +30,7 @@ import torch.fx.experimental._config  # noqa: F401  (size-oblivious tracing swit
 import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .errors import CaptureError, InputMismatchError
 from .graph_utils import _attr_name
@@ -63,7 +64,7 @@ class CapturedGraph:
                 "same keys) as the example inputs, or capture again with the new structure."
             )
         for i, (value, const) in enumerate(zip(flat, self.constant_inputs)):
-            if const is not None and not isinstance(value, torch.Tensor) and value != const:
+            if const is not None and (isinstance(value, torch.Tensor) or value != const):
                 raise InputMismatchError(
                     f"input {self.input_paths[i]} was {const!r} at capture and is {value!r} now; "
                     "torch.export specializes non-tensor inputs, so capture again with this value."
@@ -84,12 +85,12 @@ class CapturedGraph:
                     f"input {self.input_paths[i]} has {value.dim()} dimensions; the model was captured with {val.dim()}"
                 )
             for d, size in enumerate(val.shape):
-                if not isinstance(size, int):
+                if not is_concrete_int(size):
                     continue
-                if value.shape[d] != size:
+                if value.shape[d] != int(size):
                     raise InputMismatchError(
                         f"input {self.input_paths[i]} dimension {d} is {value.shape[d]}, but the captured graph "
-                        f"is specialized to {size} (torch.export makes a dimension static when the example has "
+                        f"is specialized to {int(size)} (torch.export makes a dimension static when the example has "
                         "size 0 or 1 there, or the model's code requires it): capture with an example of size >= 2 "
                         "in that dimension"
                     )
@@ -227,8 +228,16 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, 
     # torch.export marks the tensors it traces (dynamic-dimension hints); give it aliases so
     # the caller's tensors, which Dynamo may be guarding, are left as they were.
     args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.detach(), (args, kwargs))
-    with torch.no_grad():
-        output = model(*args, **kwargs)
+    for path, leaf in pytree.tree_flatten_with_path((args, kwargs))[0]:
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and not torch.isfinite(leaf).all():
+            raise InputMismatchError(f"example input {pytree.keystr(path)} holds NaN/Inf; give finite example inputs")
+    try:
+        with torch.no_grad():
+            output = model(*args, **kwargs)
+    except Exception as exc:  # re-raised: the model itself fails on these inputs
+        raise CaptureError(
+            f"{type(model).__name__} raised {type(exc).__name__} on its example inputs, before any capture: {exc}"
+        ) from exc
     register_output_types(output)
     dynamic_shapes = dynamic_shapes_for(model.forward, args, kwargs) if dynamic else None
     try:

@@ -2,8 +2,6 @@
 
 Every test asserts the exact exception type (a class from ``qcompile.errors``, never an
 exception from deep inside torch as the primary type) and the key words of its message.
-Tests marked ``xfail(strict=True)`` document known bugs: they fail today and start to
-XPASS (and so fail, as a reminder to drop the marker) once the bug is fixed.
 """
 from __future__ import annotations
 
@@ -198,15 +196,11 @@ def test_non_finite_calibration_names_batch_and_input(kw_model, bad_value, key):
             f"calibration batch 2, input [1]['{key}']", "2 NaN/Inf value(s)")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: a non-iterable calibration raises a bare TypeError from flatten_calibration")
 def test_non_iterable_calibration_raises_calibration_error(kw_model):
     _raises(CalibrationError, lambda: qcompile.quantize(kw_model, (), _kw(), calibration=5, progress=False),
             "calibration")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,  # today: torch's RuntimeError from the matmul
-                   reason="bug: CapturedGraph._check_shapes skips static dims whose meta['val'] size is a SymInt")
 def test_calibration_with_wrong_feature_size_raises_calibration_error(kw_model):
     _raises(CalibrationError,
             lambda: qcompile.quantize(kw_model, (), _kw(), calibration=[{"x": torch.randn(2, 16),
@@ -264,21 +258,17 @@ def test_specialized_bool_input(kw_model):
     _raises(InputMismatchError, lambda: qm(**_kw(), flag=False), "input [1]['flag'] was True at capture and is False now")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,  # today: the kernel's ValueError
-                   reason="bug: CapturedGraph._check_shapes skips static dims whose meta['val'] size is a SymInt")
 def test_quantized_model_rejects_wrong_feature_size(pos_quantized):
-    # x was (3, 32): dim 1 is static (the linear needs 32). Today the kernel raises a
-    # ValueError about group sizes instead of an InputMismatchError naming the input.
+    # x was (3, 32): dim 1 is static (the linear needs 32); the call is refused up front,
+    # naming the input, rather than failing inside a kernel.
     _, qm = pos_quantized
     _raises(InputMismatchError, lambda: qm(torch.randn(3, 16)), "input [0][0] dimension 1 is 16")
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,  # DID NOT RAISE
-                   reason="bug: a tensor passed where a specialized non-tensor was is silently ignored")
 def test_tensor_where_specialized_bool_was(kw_model):
     qm = qcompile.quantize(kw_model, (), {**_kw(), "flag": True}, progress=False)
     # The captured graph always adds 1 (flag=True was baked in); with flag=tensor(False) the
-    # model would not, so the quantized model must refuse rather than return y + 1.
+    # model would not, so the quantized model refuses rather than return y + 1.
     _raises(InputMismatchError, lambda: qm(**_kw(), flag=torch.tensor(False)), "['flag']")
 
 

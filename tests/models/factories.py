@@ -12,9 +12,8 @@ file written here, no network) for ``qcompile quantize DIR``.
 from __future__ import annotations
 
 from pathlib import Path
-import torch
 
-from tests.models import zoo
+import torch
 
 __all__ = [
     "tiny_llama",
@@ -30,12 +29,16 @@ __all__ = [
 
 def tiny_llama() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """A 2-layer Llama (hidden 128, intermediate 192, 15 linears incl. lm_head) and its kwargs."""
+    from tests.models import zoo  # imported here: transformers is slow to import, tiny_mlp needs none
+
     model, (_, kwargs), _ = zoo.build("llama")
     return model, kwargs
 
 
 def tiny_bert() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """A 2-layer BERT encoder (12 linears + pooler) and its kwargs."""
+    from tests.models import zoo
+
     model, (_, kwargs), _ = zoo.build("bert")
     return model, kwargs
 

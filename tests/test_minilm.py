@@ -1,0 +1,39 @@
+"""The real all-MiniLM-L6-v2: fidelity on held-out text, calibrated on other text."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qcompile
+from qcompile.data import batches, calibration_and_heldout, embedding_cosine, mean_pooled_embeddings
+from qcompile.testing import count_ops
+
+# Issue thresholds; measured on these 256 held-out docstrings (benchmarks/minilm_fidelity.py):
+# w8a16 0.99956 mean, w4a16 (g128 asym, range search) 0.9597 mean. The split is fixed and
+# the kernels deterministic, so the margins below are the distance to the requirement.
+THRESHOLDS = {"w8a16": 0.999, "w4a16": 0.955}
+
+
+@pytest.fixture(scope="module")
+def texts(minilm):
+    _, tokenizer = minilm
+    calib, heldout = calibration_and_heldout(32, 256)
+    return list(batches(calib, tokenizer, 16, 128)), list(batches(heldout, tokenizer, 64, 128))
+
+
+def _embed(model, encs):
+    with torch.no_grad():
+        return torch.cat([mean_pooled_embeddings(model(**e).last_hidden_state, e["attention_mask"]) for e in encs])
+
+
+@pytest.mark.parametrize("recipe", ["w8a16", "w4a16"])
+def test_minilm_fidelity_on_held_out_text(minilm, texts, recipe):
+    model, _ = minilm
+    calib, heldout = texts
+    qm = qcompile.quantize(model, kwargs=calib[0], recipe=recipe, calibration=calib, progress=False)
+    cosine = embedding_cosine(_embed(qm, heldout), _embed(model, heldout))
+    assert cosine.mean() >= THRESHOLDS[recipe], float(cosine.mean())
+    assert count_ops(qm)[f"qcompile.linear_{recipe}"] == 6 * 6 + 1  # 6 per layer + pooler
+    report = qm.report()
+    assert report.float_bytes / report.quantized_bytes > (3.9 if recipe == "w8a16" else 6.5)
+    assert "32 calibration batch" not in report.error_inputs and "calibration batch" in report.error_inputs

@@ -1,0 +1,52 @@
+"""Recipes are validated data; presets are data."""
+from __future__ import annotations
+
+import pytest
+
+from qcompile.errors import RecipeError
+from qcompile.recipe import CLIP_SEARCH, PRESETS, Recipe, resolve_recipe
+
+
+def test_presets():
+    w8, w4 = PRESETS["w8a16"], PRESETS["w4a16"]
+    assert (w8.weight_bits, w8.group_size, w8.symmetric, w8.clip_ratios) == (8, None, True, ())
+    assert (w4.weight_bits, w4.group_size, w4.symmetric) == (4, 128, False)
+    assert w4.clip_ratios == CLIP_SEARCH and CLIP_SEARCH[0] == 1.0 and len(set(CLIP_SEARCH)) == 20
+
+
+def test_resolve_forms():
+    assert resolve_recipe(None) is PRESETS["w8a16"]
+    assert resolve_recipe("w4a16") is PRESETS["w4a16"]
+    r = resolve_recipe({"preset": "w4a16", "group_size": 64, "keep_float": ["lm_head"]})
+    assert (r.group_size, r.keep_float, r.weight_bits) == (64, ("lm_head",), 4)
+    assert r.keeps_float("lm_head") and not r.keeps_float("model.lm_head_x")
+    custom = Recipe(weight_bits=4, group_size=32, symmetric=True)
+    assert resolve_recipe(custom) is custom
+
+
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        ({"weight_bits": 3}, "weight_bits"),
+        ({"group_size": 0}, "group_size"),
+        ({"group_size": "128"}, "group_size"),
+        ({"weight_bits": 4, "group_size": 33}, "even"),
+        ({"activation_bits": 8}, "activation_bits"),
+        ({"method": "gptq"}, "method"),
+        ({"clip_ratios": (1.0, 1.5)}, "clip_ratios"),
+        ({"keep_float": "lm_head"}, "keep_float"),
+        ({"min_in_features": 0}, "min_in_features"),
+    ],
+)
+def test_malformed_recipes_are_rejected_at_construction(fields, words):
+    with pytest.raises(RecipeError, match=words):
+        Recipe(**fields)
+
+
+def test_unknown_names_and_fields():
+    with pytest.raises(RecipeError, match="w4a16"):  # the message lists the presets
+        resolve_recipe("w3a16")
+    with pytest.raises(RecipeError, match="unknown recipe field"):
+        resolve_recipe({"preset": "w4a16", "groupsize": 64})
+    with pytest.raises(RecipeError):
+        resolve_recipe(42)
