@@ -91,9 +91,16 @@ def header(title: str, threads: int) -> str:
         f"# {title}", "", "```", command_line(), "```", "",
         f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}",
         f"- torch {torch.__version__}, Python {platform.python_version()}, threads: torch.set_num_threads({threads})",
-        f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
+        f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; load average at start: {load_average()}",
         "",
     ])
+
+
+def load_average() -> str:
+    try:
+        return " / ".join(f"{v:.2f}" for v in os.getloadavg()) + " (1 / 5 / 15 min)"
+    except OSError:
+        return "unknown"
 
 
 def markdown_table(head: Sequence[str], rows: Sequence[Sequence[object]], align: str | None = None) -> str:
@@ -148,6 +155,8 @@ def bench_ops(quick: bool) -> str:
             "bf16": lambda: F.linear(xb, wb),
             "w8a16": lambda: w8(x, q8.qweight, q8.scales, q8.zeros, None, q8.group_size),
             "w4a16": lambda: w4(x, q4.qweight, q4.scales, q4.zeros, None, q4.group_size),
+            "w8a16 bf16-x": lambda: w8(xb, q8.qweight, q8.scales, q8.zeros, None, q8.group_size),
+            "w4a16 bf16-x": lambda: w4(xb, q4.qweight, q4.scales, q4.zeros, None, q4.group_size),
         }
         with torch.no_grad():
             for fn in fns.values():  # first call builds the int4 layout cache
@@ -165,12 +174,12 @@ def bench_ops(quick: bool) -> str:
         path4 = "dq+bf16" if m >= MANY_ROWS[4] else "int4pack"
         rows.append([
             f"{k}x{n}", m, fmt_ms(s["fp32"]), fmt_ms(s["bf16"]), fmt_ms(s["w8a16"]), fmt_ms(s["w4a16"]),
-            f"{s['fp32'] / s['bf16']:.2f}x", f"{s['fp32'] / s['w8a16']:.2f}x", f"{s['fp32'] / s['w4a16']:.2f}x",
-            f"{s['bf16'] / s['w8a16']:.2f}x", f"{s['bf16'] / s['w4a16']:.2f}x", f"{path8} / {path4}",
+            *(f"{s['fp32'] / s[c]:.2f}x" for c in ("bf16", "w8a16", "w4a16", "w8a16 bf16-x", "w4a16 bf16-x")),
+            f"{path8} / {path4}",
         ])
         print(f"  [ops] K x N = {k}x{n}, M = {m}: done", file=sys.stderr, flush=True)
     head = ["K x N", "M", "fp32 ms", "bf16 ms", "w8a16 ms", "w4a16 ms", "bf16 speedup", "w8a16 speedup",
-            "w4a16 speedup", "w8a16 vs bf16", "w4a16 vs bf16", "path (w8 / w4)"]
+            "w4a16 speedup", "w8a16 speedup, bf16 x", "w4a16 speedup, bf16 x", "path (w8 / w4)"]
     return markdown_table(head, rows, "lr" + "r" * 9 + "l")
 
 
@@ -208,7 +217,7 @@ def bench_model(quick: bool) -> tuple[str, str]:
             fn()
             first = time.perf_counter() - t1
         prep = t1 - t0
-        setup.append([name, how, f"{prep:.1f}" if prepare is not None else "-", f"{first:.1f}"])
+        setup.append([name, how, f"{prep:.1f}" if name.startswith("qcompile.quantize") else "-", f"{first:.1f}"])
         candidates[name] = fn
         print(f"  [model] {name}: ready (prepare {prep:.1f} s, first call {first:.1f} s)", file=sys.stderr, flush=True)
 
@@ -232,19 +241,16 @@ def bench_model(quick: bool) -> tuple[str, str]:
             add(f"backend=qcompile {recipe}", None,
                 f'torch.compile(model, backend="qcompile", options={{"recipe": "{recipe}"}})', prepare)
 
-    t = time_interleaved(candidates, warmup=1 if quick else 2, repeat=3 if quick else 7)
+    t = time_interleaved(candidates, warmup=1 if quick else 2, repeat=3 if quick else 11)
     fp32 = t["eager fp32"].median_s
     ind = t["Inductor fp32"].median_s if "Inductor fp32" in t else None
     rows = []
     for name in candidates:
         s = t[name].median_s
-        rows.append([
-            name, f"{s * 1e3:.0f}", f"{fp32 / s:.2f}x", f"{ind / s:.2f}x" if ind else "-",
-            f"{s * 1e3 / real_tokens * 1e3:.1f}",
-        ])
-    head = ["model", "ms / batch", "speedup vs eager fp32", "speedup vs Inductor fp32", "us / real token"]
+        rows.append([name, f"{s * 1e3:.0f}", f"{fp32 / s:.2f}x", f"{ind / s:.2f}x" if ind else "-"])
+    head = ["model", "ms / batch", "speedup vs eager fp32", "speedup vs Inductor fp32"]
     table = markdown_table(head, rows)
-    setup_table = markdown_table(["model", "how", "prepare s (quantize / compile)", "first call s"], setup, "llrr")
+    setup_table = markdown_table(["model", "how", "quantize s", "first call s"], setup, "llrr")
     note = (f"batch: 32 held-out docstrings x 128 tokens ({real_tokens} of 4096 tokens are real text, the rest padding); "
             f"{len(t['eager fp32'].samples)} interleaved rounds after warm-up, medians; "
             f"qcompile.quantize calibrates on {len(calib_texts)} texts.")
@@ -259,8 +265,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--skip-ops", action="store_true", help="skip part A (linear ops)")
     p.add_argument("--skip-model", action="store_true", help="skip part B (whole model)")
+    p.add_argument("--inductor-cache", action="store_true",
+                   help="let Inductor use its on-disk caches (default: disabled, so compile times are cold)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if not args.inductor_cache:
+        import torch._inductor.config as inductor_config
+        inductor_config.force_disable_caches = True
     start = time.perf_counter()
 
     emit(header("qcompile CPU speed: weight-only linears and all-MiniLM-L6-v2", args.threads))
@@ -268,9 +279,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         emit("## A. Weight-only linear ops vs F.linear")
         emit()
         emit("`y = x @ W.T`, x `[M, K]`, W `[N, K]` random. Speedup = fp32 `F.linear` median / candidate median "
-             "(> 1 is faster). w8a16: int8 per-channel symmetric; w4a16: int4 group 128 asymmetric; both "
-             "called with float32 x. bf16: `F.linear` on bf16 x and bf16 W. Path: what the op's CPU dispatch "
-             f"runs (`MANY_ROWS` = {MANY_ROWS}: from that many rows it dequantizes to bf16 and runs a bf16 GEMM).")
+             "(> 1 is faster). w8a16: `qcompile::linear_w8a16`, int8 per-channel symmetric; w4a16: "
+             "`qcompile::linear_w4a16`, int4 group 128 asymmetric; both called with float32 x (as in a float32 "
+             "model's graph; the op casts x to bf16 and the result back), and in the `bf16 x` columns with bf16 x "
+             "(no casts). bf16: `F.linear` on bf16 x and bf16 W. Path: what the op's CPU dispatch runs "
+             f"(`MANY_ROWS` = {MANY_ROWS}: from that many rows it dequantizes the weight to bf16 on every call "
+             "and runs a bf16 GEMM; below, the packed-integer kernels `_weight_int8pack_mm` / "
+             "`_weight_int4pack_mm_for_cpu`).")
         emit()
         emit(bench_ops(args.quick))
         emit()
@@ -280,11 +295,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         table, setup_table = bench_model(args.quick)
         emit(table)
         emit()
-        emit("One-time costs (not in the latencies above):")
+        emit("One-time costs, not in the latencies above. quantize s: `qcompile.quantize` (capture, passes, "
+             "verification, per-layer errors on the calibration batch). first call s: for `torch.compile` "
+             "candidates this is Dynamo + Inductor compilation (and, for `backend=\"qcompile\"`, capture and "
+             "quantization, which that backend does on the first call); for the others, one-time layout work.")
         emit()
         emit(setup_table)
         emit()
-    emit(f"(total wall time {time.perf_counter() - start:.0f} s)")
+    emit(f"(total wall time {time.perf_counter() - start:.0f} s; load average at end: {load_average()}; "
+         f"Inductor on-disk caches {'allowed' if args.inductor_cache else 'disabled: compile times are cold'})")
 
 
 if __name__ == "__main__":

@@ -73,8 +73,9 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node) -> bool:
         return False
     with gm.graph.inserting_before(node):
         linear = gm.graph.call_function(aten.linear.default, (x, weight, bias))
-    linear.meta = {k: v for k, v in node.meta.items() if k != "val"}
-    infer_meta(gm, linear)
+    # same output as the node it replaces (the pass preserves the function), so the same
+    # shape/dtype metadata; no re-inference needed
+    linear.meta = dict(node.meta)
     node.replace_all_uses_with(linear)
     gm.graph.erase_node(node)
     return True
