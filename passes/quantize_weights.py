@@ -11,6 +11,7 @@ numerics in ``qcompile.quantizers``.
 from __future__ import annotations
 
 import torch.fx as fx
+from tqdm.auto import tqdm
 
 from qcompile.pipeline import GraphPass, PassContext, PassResult
 from qcompile.quantizers import quantize_weight_rtn
@@ -32,7 +33,8 @@ def _group_for(recipe: Recipe, in_features: int) -> tuple[int | None, str]:
 def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     recipe = ctx.recipe
     modified = False
-    for node in quantizable_linears(gm):
+    linears = quantizable_linears(gm)
+    for node in tqdm(linears, desc="quantizing weights", unit="layer", disable=not ctx.progress, leave=False):
         weight = linear_weight(gm, node)
         name = layer_name(node)
         out_features, in_features = weight.shape

@@ -1,9 +1,10 @@
 """The ``qcompile`` command line.
 
     qcompile demo                          the main job: quantize the real MiniLM, report
-    qcompile quantize MODEL --recipe R --out DIR [--calib FILE]
+    qcompile quantize MODEL --recipe R --out DIR [--calib FILE] [--export onnx [--flavor F]]
     qcompile inspect MODEL [--recipe R]    the per-layer plan and the rewritten graph
     qcompile inspect DIR                   what `qcompile quantize` wrote
+    qcompile inspect model.onnx            an ONNX file: ops by domain, tensor bytes by dtype
 
 Exit codes: 0 success, 2 bad command line, 3 an error you can fix (named in the message),
 1 an unexpected failure (with its traceback).
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import OutputExistsError, QcompileError
+from .errors import ExportError, OutputExistsError, QcompileError
 from .recipe import PRESETS
 
 EXIT_USER_ERROR = 3
@@ -74,8 +75,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_output(out: Path, loaded, qm) -> None:
-    """Write the quantized model's artifacts into ``out`` atomically (a temp folder, then rename)."""
+def _write_output(out: Path, loaded, qm, onnx_flavor: str | None = None):
+    """Write the quantized model's artifacts into ``out`` atomically (a temp folder, then rename).
+
+    With ``onnx_flavor``, ``model.onnx`` is exported into the same folder first; returns
+    that export's :class:`qcompile.export.OnnxExport` (None without it).
+    """
     from safetensors.torch import save_file
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -93,10 +98,16 @@ def _write_output(out: Path, loaded, qm) -> None:
         save_file(tensors, str(tmp / "weights.safetensors"), metadata={"recipe": report.recipe.name,
                                                                        "model": loaded.description})
         (tmp / "weights.safetensors").chmod(0o666 & ~umask)
+        exported = None
+        if onnx_flavor is not None:
+            from qcompile.export import to_onnx
+
+            exported = to_onnx(qm, tmp / "model.onnx", flavor=onnx_flavor)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return exported
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -105,10 +116,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise OutputExistsError(f"output folder {out} exists; choose another --out or remove it first")
     if not out.parent.is_dir():
         raise OutputExistsError(f"the parent folder of --out ({out.parent}) does not exist")
+    if args.flavor is not None and args.export != "onnx":
+        raise ExportError(f"--flavor {args.flavor} applies to the ONNX export; add --export onnx")
     loaded, qm = _quantize_loaded(args)
-    _write_output(out, loaded, qm)
+    flavor = (args.flavor or "ort") if args.export == "onnx" else None
+    exported = _write_output(out, loaded, qm, onnx_flavor=flavor)
     print(qm.report())
-    print(f"\nwrote {out}/: report.txt, report.json, graph.txt, weights.safetensors")
+    written = "report.txt, report.json, graph.txt, weights.safetensors"
+    if exported is not None:
+        written += f", model.onnx (flavor {exported.flavor}, opset {exported.opset})"
+    print(f"\nwrote {out}/: {written}")
+    if exported is not None:
+        for note in exported.notes:
+            print(f"note: {note}")
     return 0
 
 
@@ -116,8 +136,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .testing import count_ops
 
     target = Path(args.model)
+    if target.suffix == ".onnx":
+        return _inspect_onnx(target)
     if target.is_dir() and (target / "report.txt").exists():
         print((target / "report.txt").read_text(), end="")
+        if (target / "model.onnx").is_file():
+            print()
+            _inspect_onnx(target / "model.onnx")
         return 0
     _, qm = _quantize_loaded(args)
     print(qm.report())
@@ -127,6 +152,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.graph:
         print()
         print(qm.graph_module.print_readable(print_output=False))
+    return 0
+
+
+def _inspect_onnx(path: Path) -> int:
+    from .errors import ModelLoadError
+    from .export import format_summary, summarize_onnx
+
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such ONNX file")
+    try:
+        summary = summarize_onnx(path)
+    except Exception as exc:  # re-raised: a file onnx cannot parse is the user's to fix
+        raise ModelLoadError(f"{path} is not a readable ONNX model: {type(exc).__name__}: {exc}") from exc
+    print(format_summary(summary))
     return 0
 
 
@@ -149,10 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("model", help="a local Hugging Face model folder, or package.module:factory")
     _add_recipe_args(quant)
     quant.add_argument("--out", required=True, help="output folder (must not exist)")
+    quant.add_argument("--export", choices=["onnx"], default=None,
+                       help="also write DIR/model.onnx (runs in stock ONNX Runtime)")
+    quant.add_argument("--flavor", choices=["ort", "qdq", "qcompile"], default=None,
+                       help="ONNX flavor with --export onnx: ort (MatMulNBits, default), qdq (standard "
+                            "DequantizeLinear + MatMul), qcompile (qcompile-domain ops with function bodies)")
     quant.set_defaults(fn=cmd_quantize)
 
     insp = sub.add_parser("inspect", help="print the per-layer plan and the rewritten graph's ops")
-    insp.add_argument("model", help="a model (as for quantize) or a folder written by `qcompile quantize`")
+    insp.add_argument("model", help="a model (as for quantize), a folder written by `qcompile quantize`, "
+                                    "or an .onnx file")
     _add_recipe_args(insp)
     insp.add_argument("--graph", action="store_true", help="also print the rewritten graph")
     insp.set_defaults(fn=cmd_inspect)

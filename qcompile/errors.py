@@ -37,3 +37,9 @@ class OutputExistsError(QcompileError, FileExistsError):
 
 class ModelLoadError(QcompileError):
     """A model named on the command line cannot be loaded."""
+
+
+class ExportError(QcompileError):
+    """A quantized model cannot be written to the requested format (an op without a
+    translation for the chosen flavor, a path in a missing folder, a model too large for
+    the requested storage)."""
