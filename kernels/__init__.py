@@ -10,22 +10,41 @@ Tensor? bias, int group_size -> Tensor``, weights in the layout of
 
 * ``torch.ops.qcompile.linear_w8a16`` — int8 weights;
 * ``torch.ops.qcompile.linear_w4a16`` — 4-bit weights packed two per byte.
+
+Activation quantization (weights quantized symmetrically per output channel, scales
+float32 ``[N]``; see :mod:`qcompile.act_quant`):
+
+* ``torch.ops.qcompile.quantize_per_token(x, smooth, bits, format) -> (codes, scales)`` —
+  dynamic per-token int8 / int4 / fp8 e4m3fn codes of ``x / smooth``;
+* ``torch.ops.qcompile.linear_w8a8(x, qweight, wscales, bias, smooth, act_scale)`` — int8
+  weights, int8 activations (per token, or static per tensor with ``act_scale``), int32
+  accumulation;
+* ``torch.ops.qcompile.linear_fp8(x, qweight, wscales, bias, smooth)`` — e4m3fn weights and
+  per-token e4m3fn activations.
 """
 from __future__ import annotations
 
 import torch
 
-# Not re-exported here: the CustomOpDef objects ``linear_w8a16`` / ``linear_w4a16``, whose
-# names would shadow their modules; call them as torch.ops.qcompile.<name> or import them
+# Not re-exported here: the CustomOpDef objects ``linear_w8a16`` / ``linear_w4a16`` /
+# ``linear_w8a8`` / ``quantize_per_token`` (and ``linear_fp8``), whose names would shadow
+# their modules; call them as torch.ops.qcompile.<name> or import them
 # from their modules.
 from qcompile.kernels.linear_w4a16 import linear_w4a16_reference
+from qcompile.kernels.linear_w8a8 import linear_fp8_reference, linear_w8a8_reference
 from qcompile.kernels.linear_w8a16 import linear_w8a16_reference
+from qcompile.kernels.quantize_per_token import quantize_per_token_reference
 
 __all__ = [
     "linear_w8a16_reference",
     "linear_w4a16_reference",
     "WEIGHT_ONLY_LINEAR_OPS",
     "WEIGHT_ONLY_LINEAR_REFERENCES",
+    "linear_w8a8_reference",
+    "linear_fp8_reference",
+    "quantize_per_token_reference",
+    "ACTIVATION_QUANT_LINEAR_OPS",
+    "ACTIVATION_QUANT_LINEAR_REFERENCES",
 ]
 
 # Weight bits -> the op overload a lowering pass inserts into a graph.
@@ -38,4 +57,16 @@ WEIGHT_ONLY_LINEAR_OPS = {
 WEIGHT_ONLY_LINEAR_REFERENCES = {
     8: linear_w8a16_reference,
     4: linear_w4a16_reference,
+}
+
+# Activation format -> the op overload a lowering pass inserts for a W8A8 / FP8 linear.
+ACTIVATION_QUANT_LINEAR_OPS = {
+    "int8": torch.ops.qcompile.linear_w8a8.default,
+    "fp8": torch.ops.qcompile.linear_fp8.default,
+}
+
+# Activation format -> the pure-torch reference with the op's signature.
+ACTIVATION_QUANT_LINEAR_REFERENCES = {
+    "int8": linear_w8a8_reference,
+    "fp8": linear_fp8_reference,
 }
