@@ -1,0 +1,43 @@
+"""ONNX export of quantized models: ``qcompile.export.to_onnx(qm, "model.onnx", flavor=...)``.
+
+Flavors (how each qcompile op is written):
+
+* ``"ort"`` — ONNX Runtime contrib ops: weight-only linears become
+  ``com.microsoft.MatMulNBits`` (4- and 8-bit);
+* ``"qdq"`` — standard ONNX only: ``DequantizeLinear`` (opset 21, blocked INT4/UINT4,
+  per-channel INT8) + ``MatMul``;
+* ``"qcompile"`` — ``qcompile``-domain ops carrying ONNX function bodies, which stock
+  ONNX Runtime runs by inlining.
+
+Modules: ``api`` (to_onnx), ``registry``/``table`` (the op -> flavor -> translation
+table), ``ort_contrib`` / ``qdq`` / ``qcompile_domain`` (the translations), ``layouts``
+(exact weight re-layouts), ``exportable`` (the graph torch.onnx takes), ``naming``,
+``writer`` (atomic, checked writes), ``runtime`` (ONNX Runtime sessions with stated
+numerics), ``inspect_onnx`` (what a file holds).
+"""
+from __future__ import annotations
+
+from qcompile.errors import ExportError
+
+from .api import DEFAULT_OPSET, OnnxExport, to_onnx
+from .inspect_onnx import OnnxSummary, format_summary, summarize_onnx
+from .registry import FLAVORS, TranslationTable
+from .runtime import EXACT_CONFIG, inference_session, onnx_feeds, session_options
+from .table import TRANSLATIONS
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "EXACT_CONFIG",
+    "ExportError",
+    "FLAVORS",
+    "OnnxExport",
+    "OnnxSummary",
+    "TRANSLATIONS",
+    "TranslationTable",
+    "format_summary",
+    "inference_session",
+    "onnx_feeds",
+    "session_options",
+    "summarize_onnx",
+    "to_onnx",
+]

@@ -1,0 +1,193 @@
+"""ONNX Runtime latency and embedding fidelity of the exported all-MiniLM-L6-v2.
+
+    .venv/bin/python benchmarks/onnx_minilm.py [--threads 2] [--repeat 7] [--out DIR]
+
+Candidates, all run by ONNX Runtime's CPU provider (``intra_op_num_threads`` = threads,
+``inter_op_num_threads`` = 1, default graph optimization level):
+
+* ORT fp32 — ``torch.onnx.export(model, dynamo=True)`` of the float model;
+* ORT ``quantize_dynamic`` INT8 — ``onnxruntime.quantization.quantize_dynamic`` on that file
+  (defaults: QInt8 weights, per-tensor, dynamic uint8 activations);
+* ORT MatMulNBits 4-bit — ``onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer``
+  on that file (defaults: block 128, asymmetric), with accuracy_level unset and 4;
+* qcompile w4a16 / w8a16 (``qcompile.quantize`` with 64 calibration texts, then
+  ``qcompile.export.to_onnx``) in each flavor: "ort" (MatMulNBits, accuracy_level unset and
+  4), "qdq" (DequantizeLinear + MatMul; ORT fuses it into MatMulNBits: timed with ORT's
+  default session config, which quantizes activations to int8 inside, and with
+  ``session.qdq_matmulnbits_accuracy_level = 0``, which does not) and "qcompile"
+  (qcompile-domain functions, inlined by ORT).
+
+Latency: one batch of 32 held-out texts padded/truncated to exactly 128 tokens; the median
+of interleaved runs (A, B, C, A, B, C, ...), and every ratio between medians of the same run.
+Fidelity: 256 held-out standard-library docstrings (``calibration_and_heldout(64, 256)``,
+never used for calibration), mean-pooled normalized embeddings, cosine against the float
+PyTorch model (mean and min over texts).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+import qcompile
+from qcompile.data import batches, calibration_and_heldout, embed_texts, embedding_cosine, load_minilm
+from qcompile.export import to_onnx
+from qcompile.export.runtime import EXACT_CONFIG
+from qcompile.timing import time_interleaved
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from minilm_cpu import CpuShare, QuietWaiter, emit, header, markdown_table  # noqa: E402
+
+BATCH, SEQ = 32, 128
+OUTPUTS = ["last_hidden_state", "pooler_output"]
+
+
+def export_fp32(model, example: dict[str, torch.Tensor], path: Path) -> None:
+    dims = {name: {0: "batch", 1: "sequence"} for name in example}
+    torch.onnx.export(model, (), str(path), kwargs=example, dynamo=True, dynamic_shapes=dims,
+                      input_names=list(example), output_names=OUTPUTS, opset_version=21, verbose=False)
+
+
+def ort_quantize_dynamic(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+
+
+def ort_matmulnbits(src: Path, dst: Path, accuracy_level: int | None) -> None:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=128, is_symmetric=False,
+                                     accuracy_level=accuracy_level)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+
+
+def session(path: Path, threads: int, config: dict[str, str] | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OrtModel:
+    """Calls an ONNX session like the Hugging Face model (``model(**enc).last_hidden_state``)."""
+
+    def __init__(self, sess: ort.InferenceSession):
+        self.sess = sess
+        self.inputs = [i.name for i in sess.get_inputs()]
+        self.output = next(o.name for o in sess.get_outputs() if o.name == "last_hidden_state")
+
+    def feeds(self, enc: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        return {name: enc[name].numpy() for name in self.inputs}
+
+    def __call__(self, **enc):
+        (hidden,) = self.sess.run([self.output], self.feeds(enc))
+        return torch.from_numpy(hidden)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=7, help="timed rounds (default 7)")
+    parser.add_argument("--out", default=None, help="keep the ONNX files in this folder (default: a temp folder)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    emit(header("ONNX Runtime: exported all-MiniLM-L6-v2", args.threads))
+    emit(f"- onnxruntime {ort.__version__}, onnx {onnx.__version__}; ORT sessions: intra_op_num_threads="
+         f"{args.threads}, inter_op_num_threads=1, CPUExecutionProvider")
+    model, tokenizer = load_minilm()
+    calib, heldout = calibration_and_heldout(64, 256)
+    calibration = list(batches(calib, tokenizer, 8))
+    example = calibration[0]
+    timing_batch = tokenizer(heldout[:BATCH], padding="max_length", truncation=True, max_length=SEQ,
+                             return_tensors="pt")
+    timing_batch = {k: v for k, v in timing_batch.items() if isinstance(v, torch.Tensor)}
+    reference = embed_texts(model, tokenizer, heldout)
+
+    folder = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="onnx_minilm_"))
+    folder.mkdir(parents=True, exist_ok=True)
+    files: dict[str, tuple[Path, dict[str, str] | None, str]] = {}
+    build_s: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    fp32 = folder / "fp32.onnx"
+    export_fp32(model, example, fp32)
+    build_s["fp32"] = time.perf_counter() - t0
+    files["ORT fp32"] = (fp32, None, "torch.onnx.export (dynamo)")
+    t0 = time.perf_counter()
+    ort_quantize_dynamic(fp32, folder / "ort_dynamic_int8.onnx")
+    files["ORT quantize_dynamic INT8"] = (folder / "ort_dynamic_int8.onnx", None, "QInt8 weights, dynamic uint8 acts")
+    for level in (None, 4):
+        tag = "unset" if level is None else str(level)
+        path = folder / f"ort_matmulnbits4_acc{tag}.onnx"
+        ort_matmulnbits(fp32, path, level)
+        files[f"ORT MatMulNBits 4-bit, accuracy_level {tag}"] = (path, None, "ORT quantizer: block 128, asym")
+    build_s["ORT quantizers"] = time.perf_counter() - t0
+
+    for preset in ("w4a16", "w8a16"):
+        t0 = time.perf_counter()
+        qm = qcompile.quantize(model, (), example, recipe=preset, calibration=calibration, progress=False)
+        build_s[f"qcompile.quantize {preset}"] = time.perf_counter() - t0
+        for flavor, level in (("ort", None), ("ort", 4), ("qdq", None), ("qcompile", None)):
+            tag = f"{preset}_{flavor}" + ("" if level is None else f"_acc{level}")
+            t0 = time.perf_counter()
+            result = to_onnx(qm, folder / f"qcompile_{tag}.onnx", flavor=flavor, accuracy_level=level)
+            build_s[f"to_onnx {tag}"] = time.perf_counter() - t0
+            if flavor == "ort":
+                files[f"qcompile {preset} ort, accuracy_level {'unset' if level is None else level}"] = (
+                    result.path, None, "MatMulNBits")
+            elif flavor == "qdq":
+                files[f"qcompile {preset} qdq, ORT default session"] = (
+                    result.path, None, "DQ+MatMul, fused with int8 activations")
+                files[f"qcompile {preset} qdq, qdq_matmulnbits_accuracy_level 0"] = (
+                    result.path, dict(EXACT_CONFIG), "DQ+MatMul, fused, exact")
+            else:
+                files[f"qcompile {preset} qcompile"] = (result.path, None, "qcompile-domain functions")
+
+    sessions = {name: OrtModel(session(path, args.threads, config)) for name, (path, config, _) in files.items()}
+
+    # Fidelity first (it also warms every session up).
+    cosines = {}
+    for name, runner in sessions.items():
+        cos = embedding_cosine(reference, embed_texts(runner, tokenizer, heldout))
+        cosines[name] = (float(cos.mean()), float(cos.min()))
+
+    waiter = QuietWaiter(budget_s=60)
+    waiter.wait()
+    share = CpuShare()
+    calls = {name: (lambda r=runner: r(**timing_batch)) for name, runner in sessions.items()}
+    timings = time_interleaved(calls, warmup=2, repeat=args.repeat)
+    base = timings["ORT fp32"].median_s
+
+    rows = []
+    for name, (path, _, how) in files.items():
+        t = timings[name]
+        size = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
+        mean, low = cosines[name]
+        rows.append([name, how, f"{t.median_ms:.1f}", f"{t.median_s / base:.2f}", f"{mean:.4f}", f"{low:.4f}",
+                     f"{size / 2**20:.1f}"])
+    emit("")
+    emit(f"Batch {BATCH} x {SEQ} tokens; cosine over {len(heldout)} held-out texts against the float PyTorch "
+         f"model; {args.repeat} interleaved rounds after 2 warm-up calls.")
+    emit("")
+    emit(markdown_table(["candidate", "what", "ms (median)", "x ORT fp32 time", "cosine mean", "cosine min", "file MB"],
+                        rows, align="llrrrrr"))
+    emit("")
+    emit(f"- {share.report()}; waited {waiter.waited:.0f} s for a quiet machine before timing")
+    emit("- build times: " + ", ".join(f"{k} {v:.1f} s" for k, v in build_s.items()))
+    emit(f"- files in {folder}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Tests of qcompile.export: ONNX layouts, parity with ONNX Runtime, options, bad input, CLI."""
