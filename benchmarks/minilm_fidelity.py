@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import os
-import platform
-import shlex
-import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -33,76 +30,13 @@ from qcompile.data import batches, calibration_and_heldout, embed_texts, embeddi
 from qcompile.quantizers import dequantize_weight, quantize_weight_rtn
 from qcompile.recipe import PRESETS, Recipe
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from minilm_cpu import emit, header, markdown_table  # noqa: E402  (shared report helpers)
+
 N_CALIB, N_EVAL = 64, 256
 
 
 # --------------------------------------------------------------------------- reporting helpers
-
-def command_line() -> str:
-    exe = sys.executable
-    rel = os.path.relpath(exe)
-    if not rel.startswith(".."):
-        exe = rel
-    return shlex.join([exe, *sys.argv])
-
-
-def cpu_model() -> str:
-    """CPU model name (lscpu, else /proc/cpuinfo, else platform.processor()), family/model, ISA."""
-    name = family = model = None
-    flags: list[str] = []
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        fields = {}
-        for line in out.splitlines():
-            key, sep, value = line.partition(":")
-            if sep:
-                fields[key.strip()] = value.strip()
-        name, family, model = fields.get("Model name"), fields.get("CPU family"), fields.get("Model")
-        flags = fields.get("Flags", "").split()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    if not name:
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
-        except OSError:
-            pass
-    name = name or platform.processor() or platform.machine()
-    extra = []
-    if family and model:
-        extra.append(f"family {family} model {model}")
-    isa = [f for f in ("avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
-    if isa:
-        extra.append(", ".join(isa))
-    return f"{name} ({'; '.join(extra)})" if extra else name
-
-
-def header(title: str, threads: int) -> str:
-    return "\n".join([
-        f"# {title}", "", "```", command_line(), "```", "",
-        f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}",
-        f"- torch {torch.__version__}, Python {platform.python_version()}, threads: torch.set_num_threads({threads})",
-        f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
-        "",
-    ])
-
-
-def markdown_table(head: Sequence[str], rows: Sequence[Sequence[object]], align: str | None = None) -> str:
-    """A Markdown table; ``align`` has one character per column, 'l' or 'r' (default: l then r)."""
-    align = align or ("l" + "r" * (len(head) - 1))
-    cells = [[str(c) for c in head]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
-
-    def fmt(row):
-        return "| " + " | ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align)) + " |"
-
-    sep = "|" + "|".join(":" + "-" * (w + 1) if a == "l" else "-" * (w + 1) + ":" for w, a in zip(widths, align)) + "|"
-    return "\n".join([fmt(cells[0]), sep, *(fmt(r) for r in cells[1:])])
-
-
-def emit(text: str = "") -> None:
-    print(text, flush=True)
-
 
 def mib(n: int) -> str:
     return f"{n / 2**20:.2f}"
