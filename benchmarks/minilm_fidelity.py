@@ -31,7 +31,7 @@ from qcompile.quantizers import dequantize_weight, quantize_weight_rtn
 from qcompile.recipe import PRESETS, Recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from minilm_cpu import emit, header, markdown_table  # noqa: E402  (shared report helpers)
+from minilm_cpu import CpuShare, emit, header, markdown_table  # noqa: E402  (shared report helpers)
 
 N_CALIB, N_EVAL = 64, 256
 
@@ -40,28 +40,6 @@ N_CALIB, N_EVAL = 64, 256
 
 def mib(n: int) -> str:
     return f"{n / 2**20:.2f}"
-
-
-def _cpu_sample():
-    """(wall s, busy CPU s of the whole machine, CPU s of this process) from /proc, or None."""
-    try:
-        with open("/proc/stat") as f:
-            cpu = [int(v) for v in f.readline().split()[1:]]
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        tick = os.sysconf("SC_CLK_TCK")
-        busy = (sum(cpu) - cpu[3] - (cpu[4] if len(cpu) > 4 else 0)) / tick
-        return time.perf_counter(), busy, (int(fields[11]) + int(fields[12])) / tick
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def other_cores(start) -> str:
-    """Cores' worth of CPU time other processes used since ``start`` (a ``_cpu_sample()``)."""
-    end = _cpu_sample()
-    if start is None or end is None:
-        return "?"
-    return f"{max(0.0, (end[1] - start[1]) - (end[2] - start[2])) / max(end[0] - start[0], 1e-9):.2f}"
 
 
 # --------------------------------------------------------------------------- sizes
@@ -150,11 +128,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ]
     chosen = variants()[:2] if args.quick else variants()
     for name, recipe, what in chosen:
-        t0, sample = time.perf_counter(), _cpu_sample()
+        t0, share = time.perf_counter(), CpuShare()
         qm = qcompile.quantize(model, kwargs=calib[0], recipe=recipe, calibration=calib,
                                verify=not args.quick, progress=False)
         quantize_s = time.perf_counter() - t0
-        quantize_other = other_cores(sample)
+        other = share.other_cores()
+        quantize_other = "?" if other is None else f"{other:.2f}"
         with torch.no_grad():
             cos = embedding_cosine(embed_texts(qm, tokenizer, eval_texts), reference)
         report = qm.report()
