@@ -32,6 +32,7 @@ Weights for these linears are quantized per output channel (one scale per row of
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -39,6 +40,7 @@ import torch
 from qcompile.quantizers import _as_float32_matrix, quantize_weight_rtn
 
 __all__ = [
+    "ActQuantWeight",
     "ACT_FORMATS",
     "INT_ACT_BITS",
     "FP8_DTYPE",
@@ -199,3 +201,48 @@ def dequantize_weight_per_channel(
 ) -> torch.Tensor:
     """``codes [N, K] * scales [N, None]`` in float32 (float64 if ``dtype`` is float64), as ``dtype``."""
     return dequantize_activation(codes, scales.reshape(-1, 1), dtype)
+
+
+@dataclass
+class ActQuantWeight:
+    """A linear's weights for an activation-quantized op, and its activation format.
+
+    ``format`` ``"int8"``: ``qweight`` int8 ``[N, K]`` (symmetric, codes in [-127, 127]),
+    for ``qcompile::linear_w8a8``; ``act_scale`` is the static per-tensor activation
+    scale (float32 0-d) or None for dynamic per-token scales. ``"fp8"``: ``qweight``
+    float8_e4m3fn ``[N, K]`` for ``qcompile::linear_fp8``. ``wscales`` float32 ``[N]``.
+    """
+
+    qweight: torch.Tensor
+    wscales: torch.Tensor
+    format: str
+    act_scale: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        expected = {"int8": torch.int8, "fp8": FP8_DTYPE}
+        if self.format not in expected:
+            raise ValueError(f"format must be 'int8' or 'fp8', got {self.format!r}")
+        if self.qweight.dtype != expected[self.format] or self.qweight.dim() != 2:
+            raise ValueError(f"{self.format} weights must be {expected[self.format]} [N, K], got "
+                             f"{self.qweight.dtype} {tuple(self.qweight.shape)}")
+        if tuple(self.wscales.shape) != (self.qweight.shape[0],) or self.wscales.dtype != torch.float32:
+            raise ValueError(f"wscales must be float32 [{self.qweight.shape[0]}], got "
+                             f"{self.wscales.dtype} {tuple(self.wscales.shape)}")
+        if self.act_scale is not None and self.format != "int8":
+            raise ValueError("a static activation scale applies to int8 activations only")
+
+    @property
+    def nbytes(self) -> int:
+        extra = 4 if self.act_scale is not None else 0
+        return self.qweight.numel() * self.qweight.element_size() + self.wscales.numel() * 4 + extra
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_weight_per_channel(self.qweight, self.wscales, dtype)
+
+    def fake_quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the op's activation quantization makes of ``x`` (already smoothed), float32."""
+        if self.format == "fp8":
+            return dequantize_activation(*quantize_activation_per_token(x, None, 8, "fp8"))
+        if self.act_scale is not None:
+            return dequantize_activation(*quantize_activation_static(x, self.act_scale))
+        return dequantize_activation(*quantize_activation_per_token(x, None, 8, "int"))

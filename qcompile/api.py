@@ -9,11 +9,13 @@ import torch
 import torch.fx as fx
 
 from qcompile.passes.canonicalize import canonicalize
+from qcompile.passes.fold_smoothing import fold_smoothing
 from qcompile.passes.lower_to_kernels import lower_to_kernels
 from qcompile.passes.quantize_weights import quantize_weights
 
 from .calibration import flatten_calibration
 from .capture import CapturedGraph, capture
+from .errors import CalibrationError
 from .layer_error import layer_output_errors
 from .pipeline import PassContext, run_passes
 from .recipe import Recipe, resolve_recipe
@@ -48,7 +50,8 @@ class QuantizedModel(torch.nn.Module):
 
 def build_pipeline(recipe: Recipe) -> list:
     """The passes a recipe runs, in order."""
-    return [canonicalize, quantize_weights, lower_to_kernels]
+    smoothing = [fold_smoothing] if recipe.smooth != "off" else []
+    return [canonicalize, *smoothing, quantize_weights, lower_to_kernels]
 
 
 def quantize_graph(
@@ -102,8 +105,9 @@ def quantize(
     Args:
         model: the ``nn.Module`` to quantize (left unchanged).
         args, kwargs: example inputs, exactly as you call the model.
-        recipe: a preset name (``"w8a16"``, ``"w4a16"``), a :class:`qcompile.Recipe`, or a
-            dict of Recipe fields (``{"preset": "w4a16", "group_size": 64}``).
+        recipe: a preset name (``"w8a16"``, ``"w4a16"``, ``"w4a16-awq"``, ``"w8a8"``,
+            ``"w8a8-static"``, ``"fp8"``), a :class:`qcompile.Recipe`, or a dict of Recipe
+            fields (``{"preset": "w4a16", "group_size": 64}``).
         calibration: an iterable of batches, each a tuple of positional args or a dict of
             keyword args (what a tokenizer returns); used to measure per-layer error now
             and for statistics by recipes that need them.
@@ -124,6 +128,11 @@ def quantize(
     finally:
         model.train(was_training)
     batches = flatten_calibration(captured, calibration)
+    if recipe_obj.needs_calibration and not batches:
+        raise CalibrationError(
+            f"recipe {recipe_obj.name!r} needs calibration data: {recipe_obj.needs_calibration}; "
+            "pass calibration=[batch, ...] (e.g. a few tokenized batches of representative text)"
+        )
     example_flat = captured.flatten_inputs(args, kwargs)
     report = quantize_graph(captured, recipe_obj, batches, example_flat, verify=verify, dump_dir=dump_dir,
                             progress=progress)

@@ -20,10 +20,13 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from qcompile.passes.decompose_w8a8 import decompose_w8a8
+
 from .api import quantize_graph
 from .calibration import normalize_batch
 from .capture import FrozenDynamoGraph, freeze_dynamo_graph
-from .errors import CalibrationError, RecipeError
+from .errors import CalibrationError, InputMismatchError, RecipeError
+from .pipeline import PassContext, run_passes
 from .recipe import Recipe, resolve_recipe
 from .report import Report
 
@@ -111,11 +114,24 @@ def _compile(frozen: FrozenDynamoGraph, inputs: list[Any], recipe: Recipe,
     captured = frozen.capture(inputs)
     example_flat = frozen.user_inputs(inputs)
     batches = _graph_calibration(opts.calibration, frozen.user_names)
+    for i, flat in enumerate(batches):
+        try:
+            captured.check_shapes(flat)
+        except InputMismatchError as exc:
+            raise CalibrationError(
+                f"calibration batch {i} does not fit the graph Dynamo compiled: {exc}. Dynamo traced the first "
+                "call with its shapes baked in; give calibration batches of the first call's shapes, or compile "
+                "with torch.compile(model, dynamic=True, ...)"
+            ) from exc
     report = quantize_graph(captured, recipe, batches, example_flat, verify=opts.verify,
                             dump_dir=opts.dump_dir, progress=opts.progress)
     if opts.on_report is not None:
         opts.on_report(report)
     qgm = captured.graph_module
+    if opts.inner == "inductor":
+        # Let Inductor fuse the activation quantization with its neighbours (see the pass).
+        ctx = PassContext(recipe, example_flat, verify=opts.verify, progress=False)
+        qgm = run_passes(qgm, [decompose_w8a8], ctx)
     # Inductor gets the graph through torch.compile rather than compile_fx, so that it
     # recompiles (or goes dynamic) for every shape that passes the outer Dynamo guards.
     inner = torch.compile(qgm, backend="inductor") if opts.inner == "inductor" else qgm

@@ -45,10 +45,31 @@ class LinearStats:
     absmax: torch.Tensor
     tokens: int = 0
     hessian: torch.Tensor | None = None  # Σ x xᵀ in float64
+    abs_sum: torch.Tensor | None = None  # Σ |x| per channel in float64
+    sq_sum: torch.Tensor | None = None  # Σ x² per channel in float64
+
+    @property
+    def mean_square(self) -> torch.Tensor:
+        """Mean x² per channel over the calibration tokens (float32)."""
+        if self.sq_sum is None or self.tokens == 0:
+            return torch.zeros_like(self.absmax)
+        return (self.sq_sum / self.tokens).float()
+
+    @property
+    def absmean(self) -> torch.Tensor:
+        """Mean |x| per channel over the calibration tokens (float32)."""
+        if self.abs_sum is None or self.tokens == 0:
+            return torch.zeros_like(self.absmax)
+        return (self.abs_sum / self.tokens).float()
 
     def update(self, x: torch.Tensor, with_hessian: bool) -> None:
         flat = x.detach().reshape(-1, x.shape[-1])
-        self.absmax = torch.maximum(self.absmax, flat.abs().amax(dim=0).float())
+        magnitude = flat.abs()
+        self.absmax = torch.maximum(self.absmax, magnitude.amax(dim=0).float())
+        column_sum = magnitude.sum(dim=0, dtype=torch.float64)
+        self.abs_sum = column_sum if self.abs_sum is None else self.abs_sum + column_sum
+        square_sum = flat.double().pow(2).sum(dim=0)
+        self.sq_sum = square_sum if self.sq_sum is None else self.sq_sum + square_sum
         self.tokens += flat.shape[0]
         if with_hessian:
             f64 = flat.double()
@@ -125,3 +146,30 @@ def collect_linear_stats(
             interp.run(*flat)
             stats.batches += 1
     return stats
+
+
+def collect_input_samples(
+    gm: fx.GraphModule, batches: list[list[Any]], nodes: list[fx.Node], *, max_rows: int = 2048,
+    seed: int = 0, progress: bool = True,
+) -> dict[fx.Node, torch.Tensor]:
+    """Up to ``max_rows`` rows (tokens) of each linear's input, drawn uniformly from every batch.
+
+    Rows are drawn with a seeded generator, so a run is reproducible. Returns float32
+    ``[rows, K]`` per node.
+    """
+    per_batch = max(1, -(-max_rows // max(len(batches), 1)))
+    generator = torch.Generator().manual_seed(seed)
+    chunks: dict[fx.Node, list[torch.Tensor]] = {node: [] for node in nodes}
+
+    def hook(node: fx.Node, x: torch.Tensor, _out: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1])
+        if not torch.isfinite(flat).all():
+            raise CalibrationError(f"the input of layer {layer_name(node)} holds NaN/Inf during calibration")
+        take = torch.randperm(flat.shape[0], generator=generator)[:per_batch]
+        chunks[node].append(flat[take].float())
+
+    interp = LinearInputInterpreter(gm, set(nodes), hook)
+    with torch.no_grad():
+        for flat in tqdm(batches, desc="sampling activations", unit="batch", disable=not progress, leave=False):
+            interp.run(*flat)
+    return {node: torch.cat(parts)[:max_rows] for node, parts in chunks.items()}

@@ -69,10 +69,11 @@ class CapturedGraph:
                     f"input {self.input_paths[i]} was {const!r} at capture and is {value!r} now; "
                     "torch.export specializes non-tensor inputs, so capture again with this value."
                 )
-        self._check_shapes(flat)
+        self.check_shapes(flat)
         return flat
 
-    def _check_shapes(self, flat: list[Any]) -> None:
+    def check_shapes(self, flat: list[Any]) -> None:
+        """Raise InputMismatchError unless the flat inputs fit the captured graph's shapes."""
         placeholders = [n for n in self.graph_module.graph.nodes if n.op == "placeholder"]
         for i, (node, value) in enumerate(zip(placeholders, flat)):
             val = node.meta.get("val")

@@ -16,6 +16,10 @@ aten = torch.ops.aten
 
 # node.meta key of the QuantizedWeight that quantize_weights attaches to a linear
 QWEIGHT_META = "qcompile.qweight"
+# node.meta key of the ActQuantWeight that quantize_weights attaches to a W8A8 / FP8 linear
+ACTQ_META = "qcompile.act_quant"
+# node.meta key of the smoothing scale s on an online-smoothing multiply (x * (1/s))
+SMOOTHING_META = "qcompile.smoothing"
 
 # Ops that only reinterpret a 2-D constant as its transpose.
 _TRANSPOSE_OPS = (aten.t.default, aten.permute.default, aten.transpose.int, aten.numpy_T.default)

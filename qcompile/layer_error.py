@@ -1,8 +1,9 @@
-"""Per-layer output error of quantized weights, measured on real inputs.
+"""Per-layer output error of quantized linears, measured on real inputs.
 
-For every linear carrying ``meta['qcompile.qweight']``, the relative error
-``‖x Ŵᵀ − x Wᵀ‖ / ‖x Wᵀ‖`` of its output on the inputs it sees when the float graph runs
-(the example inputs and calibration batches). Read-only.
+For every linear carrying quantized weights, the relative error ``‖x̂ Ŵᵀ − x Wᵀ‖ / ‖x Wᵀ‖``
+of its output on the inputs it sees when the float graph runs (the example inputs and
+calibration batches): ``Ŵ`` the dequantized weight, ``x̂`` the input as the op's
+activation quantization sees it (``x`` itself for weight-only formats). Read-only.
 """
 from __future__ import annotations
 
@@ -12,23 +13,30 @@ import torch
 import torch.fx as fx
 
 from .calibration import LinearInputInterpreter
-from .graph_utils import QWEIGHT_META, layer_name, linear_weight
+from .graph_utils import ACTQ_META, QWEIGHT_META, layer_name, linear_weight
 from .quantizers import dequantize_weight
 
 
 
 
 def layer_output_errors(gm: fx.GraphModule, batches: list[list[Any]]) -> dict[str, float]:
-    nodes = [n for n in gm.graph.nodes if QWEIGHT_META in n.meta and linear_weight(gm, n) is not None]
-    dequantized = {n: dequantize_weight(n.meta[QWEIGHT_META]) for n in nodes}
+    nodes = [n for n in gm.graph.nodes
+             if (QWEIGHT_META in n.meta or ACTQ_META in n.meta) and linear_weight(gm, n) is not None]
+    dequantized = {
+        n: n.meta[ACTQ_META].dequantize() if ACTQ_META in n.meta else dequantize_weight(n.meta[QWEIGHT_META])
+        for n in nodes
+    }
     err_sq = {n: 0.0 for n in nodes}
     ref_sq = {n: 0.0 for n in nodes}
 
     def hook(node: fx.Node, x: torch.Tensor, out: torch.Tensor) -> None:
         w = linear_weight(gm, node)
         xf = x.float()
-        delta = torch.nn.functional.linear(xf, dequantized[node] - w.float())
         ref = torch.nn.functional.linear(xf, w.float())
+        if ACTQ_META in node.meta:
+            delta = torch.nn.functional.linear(node.meta[ACTQ_META].fake_quantize_input(xf), dequantized[node]) - ref
+        else:
+            delta = torch.nn.functional.linear(xf, dequantized[node] - w.float())
         err_sq[node] += float(delta.double().pow(2).sum())
         ref_sq[node] += float(ref.double().pow(2).sum())
 

@@ -154,6 +154,7 @@ def quantize_weight_rtn(
     group_size: int | None = None,
     symmetric: bool = True,
     clip_ratios: tuple[float, ...] | None = None,
+    importance: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Quantize ``w [N, K]`` by rounding to the nearest grid point, per group of K.
 
@@ -172,6 +173,11 @@ def quantize_weight_rtn(
             have the smallest squared error is kept. Rounding stays round-to-nearest; only
             the grid changes. Shrinking trades clipping a few outliers for finer steps
             for the rest. None (or ``(1.0,)``) is plain min/max RTN.
+        importance: optional ``[K]`` non-negative weights of the input channels in the range
+            search's error, ``Σ_j importance_j (ŵ_j − w_j)²``. With ``importance = E[x_j²]``
+            over calibration inputs this is the expected squared *output* error of the
+            group under a diagonal approximation of ``E[x xᵀ]`` (AWQ's output-aware
+            clipping, without its cost); None weighs all channels equally.
 
     Every element is reproduced to within half its group's scale. A group whose scale would
     be below the smallest normal float32 (all zeros, say) gets scale 1.0 and dequantizes to
@@ -187,7 +193,13 @@ def quantize_weight_rtn(
     group_size = k if group_size is None else group_size
     _check_group_size(group_size, k)
     groups = w32.reshape(n, k // group_size, group_size)
-    codes, scales, zeros = _quantize_groups(groups, bits, symmetric, _check_clip_ratios(clip_ratios))
+    weight = None
+    if importance is not None:
+        imp = importance.detach().to(torch.float32).reshape(-1)
+        if imp.numel() != k or not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
+            raise ValueError(f"importance must be {k} finite non-negative values, got shape {tuple(importance.shape)}")
+        weight = imp.reshape(1, k // group_size, group_size)
+    codes, scales, zeros = _quantize_groups(groups, bits, symmetric, _check_clip_ratios(clip_ratios), weight)
     codes = codes.reshape(n, k)
     if bits == 8:
         qweight = codes.to(torch.int8)
@@ -307,8 +319,9 @@ def _check_clip_ratios(clip_ratios: tuple[float, ...] | None) -> tuple[float, ..
     return ratios
 
 
-def _quantize_groups(groups: torch.Tensor, bits: int, symmetric: bool, ratios: tuple[float, ...]):
-    """Quantize groups [N, G, g] with each range ratio; keep, per group, the least squared error."""
+def _quantize_groups(groups: torch.Tensor, bits: int, symmetric: bool, ratios: tuple[float, ...],
+                     weight: torch.Tensor | None = None):
+    """Quantize groups [N, G, g] with each range ratio; keep, per group, the least (weighted) squared error."""
     quantize = _quantize_symmetric if symmetric else _quantize_asymmetric
     best = None
     best_err = None
@@ -317,7 +330,8 @@ def _quantize_groups(groups: torch.Tensor, bits: int, symmetric: bool, ratios: t
         if len(ratios) == 1:
             return codes, scales, zeros
         offset = zeros if zeros is not None else torch.zeros_like(scales)
-        err = ((codes - offset.unsqueeze(-1)) * scales.unsqueeze(-1) - groups).pow(2).sum(dim=-1)
+        sq = ((codes - offset.unsqueeze(-1)) * scales.unsqueeze(-1) - groups).pow(2)
+        err = (sq if weight is None else sq * weight).sum(dim=-1)
         if best is None:
             best, best_err = [codes, scales, zeros], err
             continue

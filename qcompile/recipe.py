@@ -9,6 +9,10 @@ from typing import Any
 from .errors import RecipeError
 
 _WEIGHT_BITS = (4, 8)
+_ACTIVATION_BITS = (16, 8)
+_ACTIVATION_FORMATS = ("int", "fp8")
+_ACTIVATION_SCALES = ("dynamic", "static")
+_SMOOTH = ("off", "alpha", "search")
 _METHODS = ("rtn",)
 
 
@@ -24,11 +28,33 @@ class Recipe:
             does not divide falls back to per-channel, and the report says so.
         symmetric: symmetric (zero point fixed) or asymmetric (per-group zero point) grid.
         activation_bits: 16 — activations stay in 16-bit floating point (the fast CPU
-            kernels compute in bfloat16).
+            kernels compute in bfloat16); 8 — activations are quantized per token inside
+            each linear (``qcompile::linear_w8a8`` / ``linear_fp8``), which needs 8-bit
+            symmetric per-channel weights (``weight_bits=8, group_size=None,
+            symmetric=True``).
+        activation_format: with 8-bit activations: ``"int"`` (INT8 weights and activations,
+            int32 accumulation) or ``"fp8"`` (float8 e4m3 weights and activations).
+        activation_scale: with INT8 activations: ``"dynamic"`` (one scale per token,
+            computed on the fly) or ``"static"`` (one scale per tensor, from calibration).
+        smooth: SmoothQuant/AWQ smoothing of each group of linears that read one activation
+            (found from the graph; see ``passes/fold_smoothing.py``): ``"off"``,
+            ``"alpha"`` (scale ``max|X|^α / max|W|^(1-α)`` with ``smooth_alpha``) or
+            ``"search"`` (per group, the α of ``smooth_alphas`` — or none — with the least
+            quantized output error on calibration data). Needs calibration.
+        smooth_alpha: α for ``smooth="alpha"`` (SmoothQuant's migration strength).
+        smooth_alphas: the grid ``smooth="search"`` tries.
+        smooth_online: where no op upstream can absorb a group's scale, apply it online
+            (an explicit per-channel multiply that the activation-quantizing op absorbs;
+            with 16-bit activations it stays a multiply) instead of leaving the group
+            unsmoothed.
         method: weight rounding, ``"rtn"`` (round to nearest).
         clip_ratios: weight range search: per group, shrink the grid's range by each ratio
             and keep the one with the least squared rounding error (still round-to-nearest;
             ``()`` = plain min/max). The w4a16 preset searches ``CLIP_SEARCH``.
+        clip_objective: what the range search minimizes: ``"output"`` — the weight error
+            weighted per input channel by E[x²] over the calibration inputs (an estimate of
+            the output error; plain weight error when no calibration is given) — or
+            ``"weight"`` — the plain squared weight error.
         keep_float: glob patterns of layer names (the weight's source name without
             ``.weight``, e.g. ``"lm_head"`` or ``"*.attention.*"``) left in floating point.
         min_in_features: linears with fewer input features stay in floating point.
@@ -39,8 +65,15 @@ class Recipe:
     group_size: int | None = None
     symmetric: bool = True
     activation_bits: int = 16
+    activation_format: str = "int"
+    activation_scale: str = "dynamic"
+    smooth: str = "off"
+    smooth_alpha: float = 0.5
+    smooth_alphas: tuple[float, ...] = ()
+    smooth_online: bool = True
     method: str = "rtn"
     clip_ratios: tuple[float, ...] = ()
+    clip_objective: str = "output"
     keep_float: tuple[str, ...] = ()
     min_in_features: int = 1
 
@@ -53,11 +86,8 @@ class Recipe:
             raise RecipeError(f"group_size must be an integer >= 2 or None (per-channel), got {self.group_size!r}")
         if self.group_size is not None and self.weight_bits == 4 and self.group_size % 2:
             raise RecipeError(f"4-bit groups must hold an even number of channels, got group_size={self.group_size}")
-        if self.activation_bits != 16:
-            raise RecipeError(
-                f"activation_bits={self.activation_bits!r}: this recipe family keeps activations in 16-bit; "
-                "set activation_bits=16"
-            )
+        self._check_activations()
+        self._check_smoothing()
         if self.method not in _METHODS:
             raise RecipeError(f"method must be one of {_METHODS}, got {self.method!r}")
         if not isinstance(self.symmetric, bool):
@@ -67,11 +97,73 @@ class Recipe:
         ):
             raise RecipeError(f"clip_ratios must be numbers in (0, 1], got {self.clip_ratios!r}")
         object.__setattr__(self, "clip_ratios", tuple(float(r) for r in self.clip_ratios))
+        if self.clip_objective not in ("output", "weight"):
+            raise RecipeError(f'clip_objective must be "output" or "weight", got {self.clip_objective!r}')
         if isinstance(self.keep_float, str) or not all(isinstance(p, str) for p in self.keep_float):
             raise RecipeError(f"keep_float must be a tuple of glob patterns, got {self.keep_float!r}")
         object.__setattr__(self, "keep_float", tuple(self.keep_float))
         if not isinstance(self.min_in_features, int) or self.min_in_features < 1:
             raise RecipeError(f"min_in_features must be a positive integer, got {self.min_in_features!r}")
+
+    def _check_activations(self) -> None:
+        if self.activation_bits not in _ACTIVATION_BITS:
+            raise RecipeError(f"activation_bits must be one of {_ACTIVATION_BITS}, got {self.activation_bits!r}")
+        if self.activation_format not in _ACTIVATION_FORMATS:
+            raise RecipeError(f"activation_format must be one of {_ACTIVATION_FORMATS}, got {self.activation_format!r}")
+        if self.activation_scale not in _ACTIVATION_SCALES:
+            raise RecipeError(f"activation_scale must be one of {_ACTIVATION_SCALES}, got {self.activation_scale!r}")
+        if self.activation_bits == 16:
+            if self.activation_format != "int" or self.activation_scale != "dynamic":
+                raise RecipeError(
+                    "activation_format and activation_scale apply to 8-bit activations; "
+                    f"this recipe has activation_bits=16 (set activation_bits=8 to quantize activations)"
+                )
+            return
+        if self.weight_bits != 8 or self.group_size is not None or not self.symmetric:
+            raise RecipeError(
+                "8-bit activations need 8-bit symmetric per-channel weights (weight_bits=8, group_size=None, "
+                f"symmetric=True); got weight_bits={self.weight_bits}, group_size={self.group_size}, "
+                f"symmetric={self.symmetric}"
+            )
+        if self.activation_format == "fp8" and self.activation_scale != "dynamic":
+            raise RecipeError('fp8 activations are scaled per token: activation_scale must be "dynamic"')
+        if self.activation_format == "fp8" and self.clip_ratios:
+            raise RecipeError("clip_ratios (range search) applies to integer weights, not fp8")
+
+    def _check_smoothing(self) -> None:
+        if self.smooth not in _SMOOTH:
+            raise RecipeError(f"smooth must be one of {_SMOOTH}, got {self.smooth!r}")
+        if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float)) or not (
+            0.0 <= self.smooth_alpha <= 1.0
+        ):
+            raise RecipeError(f"smooth_alpha must be a number in [0, 1], got {self.smooth_alpha!r}")
+        object.__setattr__(self, "smooth_alpha", float(self.smooth_alpha))
+        alphas = self.smooth_alphas or (SMOOTH_SEARCH if self.smooth == "search" else ())
+        if isinstance(alphas, (str, bytes)) or not all(
+            isinstance(a, (int, float)) and not isinstance(a, bool) and 0.0 <= a <= 1.0 for a in alphas
+        ):
+            raise RecipeError(f"smooth_alphas must be numbers in [0, 1], got {self.smooth_alphas!r}")
+        object.__setattr__(self, "smooth_alphas", tuple(float(a) for a in alphas))
+        if not isinstance(self.smooth_online, bool):
+            raise RecipeError(f"smooth_online must be True or False, got {self.smooth_online!r}")
+
+    @property
+    def needs_calibration(self) -> str:
+        """Why this recipe needs calibration data ('' if it does not)."""
+        reasons = []
+        if self.smooth != "off":
+            reasons.append(f'smooth="{self.smooth}" computes scales from activation statistics')
+        if self.activation_bits == 8 and self.activation_scale == "static":
+            reasons.append("static activation scales come from calibration")
+        return "; ".join(reasons)
+
+    def float_reason(self, layer: str, in_features: int) -> str:
+        """Why a linear stays in floating point under this recipe ('' if it is quantized)."""
+        if self.keeps_float(layer):
+            return "kept float by recipe.keep_float"
+        if in_features < self.min_in_features:
+            return f"in_features < {self.min_in_features}"
+        return ""
 
     def keeps_float(self, layer: str) -> bool:
         return any(fnmatch.fnmatchcase(layer, pattern) for pattern in self.keep_float)
@@ -85,15 +177,26 @@ class Recipe:
 
     @property
     def weight_format(self) -> str:
+        if self.activation_bits == 8 and self.activation_format == "fp8":
+            return "fp8"
         return f"w{self.weight_bits}a{self.activation_bits}"
 
 
 # Range ratios searched by the 4-bit presets: 1.0 down to 0.62 in steps of 0.02.
 CLIP_SEARCH = tuple(round(1.0 - 0.02 * i, 2) for i in range(20))
+# Smoothing exponents smooth="search" tries by default (plus no smoothing): 0 to 1 by 0.1.
+SMOOTH_SEARCH = tuple(round(0.1 * i, 1) for i in range(11))
 
 PRESETS: dict[str, Recipe] = {
     "w8a16": Recipe(name="w8a16", weight_bits=8, group_size=None, symmetric=True),
     "w4a16": Recipe(name="w4a16", weight_bits=4, group_size=128, symmetric=False, clip_ratios=CLIP_SEARCH),
+    "w4a16-awq": Recipe(name="w4a16-awq", weight_bits=4, group_size=128, symmetric=False, clip_ratios=CLIP_SEARCH,
+                        smooth="search"),
+    "w8a8": Recipe(name="w8a8", weight_bits=8, activation_bits=8, smooth="alpha", smooth_alpha=0.5),
+    "w8a8-static": Recipe(name="w8a8-static", weight_bits=8, activation_bits=8, activation_scale="static",
+                          smooth="alpha", smooth_alpha=0.5),
+    "fp8": Recipe(name="fp8", weight_bits=8, activation_bits=8, activation_format="fp8", smooth="alpha",
+                  smooth_alpha=0.5),
 }
 
 DEFAULT_PRESET = "w8a16"
@@ -112,7 +215,7 @@ def resolve_recipe(recipe: "str | Recipe | dict[str, Any] | None") -> Recipe:
     if isinstance(recipe, dict):
         fields = dict(recipe)
         base = resolve_recipe(fields.pop("preset", None)) if "preset" in fields else Recipe()
-        for key in ("keep_float", "clip_ratios"):
+        for key in ("keep_float", "clip_ratios", "smooth_alphas"):
             if isinstance(fields.get(key), list):
                 fields[key] = tuple(fields[key])
         return base.replace(**fields)

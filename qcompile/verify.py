@@ -14,6 +14,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .errors import VerificationError
+from .graph_utils import get_constant
 
 # float64 keeps rounding error near 1e-16 per op; a function-preserving rewrite that
 # re-associates a few products (e.g. folds a scale into a weight) moves results by a few
@@ -51,9 +52,49 @@ def _returns(node: fx.Node) -> bool:
     return schema is None or len(schema.returns) > 0
 
 
+def _fold_constant_expressions(gm: fx.GraphModule) -> None:
+    """Evaluate elementwise ops whose inputs are all constants (e.g. Gemma's ``1 + norm.weight``) at
+    the precision the model computes them, and make the results constants.
+
+    The model computes such an expression in float32 once; promoted to float64 it would be
+    computed more exactly, so a pass that folds the float32 value (``(1 + w) / s``) would
+    seem to change the function by float32's rounding of ``1 + w``.
+    """
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        inputs = [a for a in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(a, fx.Node)]
+        if not inputs or any(a.op != "get_attr" for a in inputs) or node.target._schema.is_mutable:
+            continue
+        if torch.Tag.pointwise not in node.target.tags and node.target != torch.ops.aten._to_copy.default:
+            continue  # only elementwise maps of constants (1 + w, w.float()), nothing shape-dependent
+        env = {a: get_constant(gm, a) for a in inputs}
+        if any(v is None for v in env.values()):
+            continue
+        args, kwargs = pytree.tree_map(lambda a: env.get(a, a) if isinstance(a, fx.Node) else a, (node.args, node.kwargs))
+        with torch.no_grad():
+            value = node.target(*args, **kwargs)
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            continue
+        name = f"_qcompile_folded_{node.name}"
+        gm.register_buffer(name, value.clone())
+        with gm.graph.inserting_before(node):
+            const = gm.graph.get_attr(name)
+        const.meta = dict(node.meta)
+        node.replace_all_uses_with(const)
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+
+
 def to_float64(gm: fx.GraphModule) -> fx.GraphModule:
-    """A float64 copy of ``gm``: constants, and dtype arguments of ops, promoted."""
+    """A float64 copy of ``gm``: constants, and dtype arguments of ops, promoted.
+
+    Expressions of constants alone are first evaluated at the model's own precision
+    (:func:`_fold_constant_expressions`).
+    """
     gm64 = copy.deepcopy(gm)
+    _fold_constant_expressions(gm64)
     for name, buf in list(gm64.named_buffers()):
         if buf.is_floating_point():
             module_path, _, attr = name.rpartition(".")

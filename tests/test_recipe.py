@@ -31,7 +31,14 @@ def test_resolve_forms():
         ({"group_size": 0}, "group_size"),
         ({"group_size": "128"}, "group_size"),
         ({"weight_bits": 4, "group_size": 33}, "even"),
-        ({"activation_bits": 8}, "activation_bits"),
+        ({"activation_bits": 4}, "activation_bits"),
+        ({"activation_bits": 8, "weight_bits": 4, "group_size": 128}, "8-bit activations need"),
+        ({"activation_bits": 8, "symmetric": False}, "symmetric=False"),
+        ({"activation_bits": 8, "activation_format": "fp8", "activation_scale": "static"}, "per token"),
+        ({"activation_format": "fp8"}, "apply to 8-bit"),
+        ({"smooth": True}, "smooth"),
+        ({"smooth_alpha": -0.1}, "smooth_alpha"),
+        ({"smooth_online": "yes"}, "smooth_online"),
         ({"method": "gptq"}, "method"),
         ({"clip_ratios": (1.0, 1.5)}, "clip_ratios"),
         ({"keep_float": "lm_head"}, "keep_float"),
@@ -50,3 +57,16 @@ def test_unknown_names_and_fields():
         resolve_recipe({"preset": "w4a16", "groupsize": 64})
     with pytest.raises(RecipeError):
         resolve_recipe(42)
+
+
+def test_activation_and_smoothing_presets():
+    w8a8, static, fp8, awq = (PRESETS[n] for n in ("w8a8", "w8a8-static", "fp8", "w4a16-awq"))
+    assert (w8a8.activation_bits, w8a8.activation_scale, w8a8.smooth, w8a8.smooth_alpha) == (8, "dynamic", "alpha", 0.5)
+    assert (w8a8.weight_bits, w8a8.group_size, w8a8.symmetric) == (8, None, True)
+    assert static.activation_scale == "static" and static.needs_calibration
+    assert (fp8.activation_format, fp8.weight_format) == ("fp8", "fp8")
+    assert (awq.weight_bits, awq.group_size, awq.smooth, awq.activation_bits) == (4, 128, "search", 16)
+    assert awq.smooth_alphas == tuple(i / 10 for i in range(11))  # the default grid fills in
+    assert "smooth" in w8a8.needs_calibration and not PRESETS["w8a16"].needs_calibration
+    off = resolve_recipe({"preset": "w8a8", "smooth": "off"})
+    assert off.smooth == "off" and not off.needs_calibration and off.activation_bits == 8

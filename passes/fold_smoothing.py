@@ -1,0 +1,179 @@
+"""Fold SmoothQuant/AWQ smoothing scales into the graph (function-preserving).
+
+For every smoothing group (an activation X and the quantized linears reading it, found
+from graph structure by :mod:`qcompile.smoothing_groups`) the pass computes a
+per-channel scale s from calibration statistics (:mod:`qcompile.smoothing`) and rewrites
+``X Wᵀ`` as ``(X / s) (W s)ᵀ``:
+
+* the consumers' weight columns are multiplied by s (new constants);
+* the division by s is folded into the producer the analysis found — a linear's output
+  rows and bias, a norm's weight and bias, or a per-channel constant multiply;
+* where no producer can absorb it (``kind == "online"``) and the recipe allows online
+  smoothing, an explicit ``aten.mul(X, 1/s)`` is inserted in front of the group's
+  linears, tagged ``meta['qcompile.smoothing'] = s``; the lowering pass absorbs it into
+  the activation-quantizing op (``qcompile::linear_w8a8``'s ``smooth`` argument), and
+  with 16-bit activations it stays a multiply. Otherwise the group is left alone.
+
+The scales are powers of two, so the rewrite is exact and the pass manager's float64
+check holds on every architecture. ``smooth="alpha"`` uses the recipe's α everywhere;
+``smooth="search"`` picks α per group (or no smoothing) by the group's quantized output
+error on calibration samples. Every consumer's report row says what happened
+(``smoothing``: α and where the scale went).
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from tqdm.auto import tqdm
+
+from qcompile.calibration import collect_input_samples, collect_linear_stats
+from qcompile.errors import CalibrationError
+from qcompile.fake_quant import activation_fake_quant, weight_fake_quant
+from qcompile.graph_utils import (
+    SMOOTHING_META,
+    add_constant,
+    eliminate_dead_constants,
+    get_constant,
+    infer_meta,
+    layer_name,
+    linear_weight,
+    quantizable_linears,
+)
+from qcompile.pipeline import GraphPass, PassContext, PassResult
+from qcompile.smoothing import search_scales, smoothing_scales, weight_column_absmax
+from qcompile.smoothing_groups import SmoothingGroup, constant_value, find_smoothing_groups
+
+aten = torch.ops.aten
+
+# Calibration tokens per group the α search measures errors on.
+SEARCH_ROWS = 1024
+
+
+def _scaled(tensor: torch.Tensor, factor: torch.Tensor, *, divide: bool) -> torch.Tensor:
+    """``tensor * factor`` or ``tensor / factor`` (power-of-two factor: exact), in tensor's dtype."""
+    f = factor.to(torch.float64)
+    out = tensor.to(torch.float64) / f if divide else tensor.to(torch.float64) * f
+    return out.to(tensor.dtype)
+
+
+def _replace_arg(gm: fx.GraphModule, node: fx.Node, index: int, tensor: torch.Tensor, hint: str) -> None:
+    old = node.args[index]
+    source = old.meta.get("qcompile.source") if isinstance(old, fx.Node) else None
+    new = add_constant(gm, tensor, source or hint, before=node)
+    if source:
+        new.meta["qcompile.source"] = source
+    args = list(node.args)
+    args[index] = new
+    node.args = tuple(args)
+
+
+def _fold_into_producer(gm: fx.GraphModule, group: SmoothingGroup, s: torch.Tensor) -> None:
+    producer = group.producer
+    name = producer.name
+    if group.kind == "linear":
+        w = linear_weight(gm, producer)
+        _replace_arg(gm, producer, 1, _scaled(w, s[:, None], divide=True), f"{name}_weight")
+        bias = get_constant(gm, producer.args[2]) if len(producer.args) > 2 else None
+        if bias is not None:
+            _replace_arg(gm, producer, 2, _scaled(bias, s, divide=True), f"{name}_bias")
+    elif group.kind in ("layer_norm", "rms_norm"):
+        _replace_arg(gm, producer, 2, _scaled(get_constant(gm, producer.args[2]), s, divide=True), f"{name}_weight")
+        if group.kind == "layer_norm" and len(producer.args) > 3 and producer.args[3] is not None:
+            _replace_arg(gm, producer, 3, _scaled(get_constant(gm, producer.args[3]), s, divide=True), f"{name}_bias")
+    elif group.kind == "scale":
+        for i, arg in enumerate(producer.args[:2]):
+            value = constant_value(gm, arg)
+            if value is not None and value.dim() >= 1 and value.shape[-1] == s.numel():
+                _replace_arg(gm, producer, i, _scaled(value, s, divide=True), f"{name}_scale")
+                break
+    else:
+        raise ValueError(f"cannot fold into a producer of kind {group.kind!r}")
+
+
+def _insert_online(gm: fx.GraphModule, group: SmoothingGroup, s: torch.Tensor) -> fx.Node:
+    x = group.activation
+    inverse = _scaled(torch.ones_like(s), s, divide=True).to(x.meta["val"].dtype)
+    first = min(group.consumers, key=lambda n: list(gm.graph.nodes).index(n))
+    const = add_constant(gm, inverse, f"{layer_name(first)}_smooth_inv", before=first)
+    with gm.graph.inserting_before(first):
+        mul = gm.graph.call_function(aten.mul.Tensor, (x, const))
+    mul.meta[SMOOTHING_META] = s
+    infer_meta(gm, mul)
+    for consumer in group.consumers:
+        consumer.args = (mul, *consumer.args[1:])
+    return mul
+
+
+def _scale_consumers(gm: fx.GraphModule, group: SmoothingGroup, s: torch.Tensor) -> None:
+    for consumer in group.consumers:
+        w = linear_weight(gm, consumer)
+        _replace_arg(gm, consumer, 1, _scaled(w, s[None, :], divide=False), f"{consumer.name}_weight")
+
+
+def _choose_scale(ctx: PassContext, gm: fx.GraphModule, group: SmoothingGroup, stats, samples):
+    """(alpha or None, scale or None, note) for one group."""
+    recipe = ctx.recipe
+    weights = [linear_weight(gm, c) for c in group.consumers]
+    act = stats.layers[layer_name(group.consumers[0])]
+    if recipe.smooth == "alpha":
+        return recipe.smooth_alpha, smoothing_scales(act.absmax, weight_column_absmax(weights), recipe.smooth_alpha), ""
+    found = search_scales(
+        samples[group.consumers[0]], weights, act.absmax, recipe.smooth_alphas,
+        weight_fake_quant(recipe, group.channels), activation_fake_quant(recipe),
+    )
+    base = found.errors[None]
+    best = found.errors[found.alpha]
+    note = f"search: err {base:.2e} -> {best:.2e}"
+    return found.alpha, found.scale, note
+
+
+def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    recipe = ctx.recipe
+    if not ctx.calibration:
+        raise CalibrationError(
+            f"recipe {recipe.name!r} needs calibration data ({recipe.needs_calibration}); "
+            "pass calibration=[batch, ...] to qcompile.quantize"
+        )
+    linears = [
+        n for n in quantizable_linears(gm)
+        if not recipe.float_reason(layer_name(n), linear_weight(gm, n).shape[1])
+    ]
+    groups = find_smoothing_groups(gm, linears)
+    stats = collect_linear_stats(gm, ctx.calibration, progress=ctx.progress)
+    samples = {}
+    if recipe.smooth == "search":
+        samples = collect_input_samples(
+            gm, ctx.calibration, [g.consumers[0] for g in groups if g.kind != "online" or recipe.smooth_online],
+            max_rows=SEARCH_ROWS, progress=ctx.progress,
+        )
+    ctx.analyses["smoothing_groups"] = groups
+    modified = False
+    for group in tqdm(groups, desc="smoothing", unit="group", disable=not ctx.progress, leave=False):
+        rows = [
+            ctx.layers.setdefault(layer_name(c), {"layer": layer_name(c), "shape": tuple(linear_weight(gm, c).shape)})
+            for c in group.consumers
+        ]
+        if group.kind == "online" and not recipe.smooth_online:
+            for row in rows:
+                row["smoothing"] = f"none ({group.reason}; smooth_online=False)"
+            continue
+        alpha, s, note = _choose_scale(ctx, gm, group, stats, samples)
+        where = group.describe()
+        if s is None or bool((s == 1).all()):
+            for row in rows:
+                row["smoothing"] = "none" + (f" ({note})" if note else "")
+            continue
+        _scale_consumers(gm, group, s)
+        if group.kind == "online":
+            _insert_online(gm, group, s)
+        else:
+            _fold_into_producer(gm, group, s)
+        for row in rows:
+            row["smoothing"] = f"alpha {alpha:g}, {where}" + (f"; {note}" if note else "")
+        modified = True
+    if modified:
+        eliminate_dead_constants(gm)
+    return PassResult(gm, modified)
+
+
+fold_smoothing = GraphPass("fold_smoothing", _run, preserves_function=True)

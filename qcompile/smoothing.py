@@ -1,0 +1,126 @@
+"""Smoothing scales (SmoothQuant / AWQ): pure numerics, no graphs.
+
+A smoothing group is an activation ``X [tokens, K]`` and the weights ``W_i [N_i, K]``
+that read it. With a positive per-channel scale ``s [K]``, ``X W_iᵀ = (X / s) (W_i s)ᵀ``:
+outliers of X move into the weight columns, where per-channel/group quantization
+absorbs them better. SmoothQuant's scale is
+
+    s_j = max|X_j|^α / max_i max|W_i[:, j]|^(1-α)
+
+and AWQ searches the exponent on calibration data. Two guards keep this finite: a
+channel whose activation or weight maximum is zero or not finite gets s_j = 1, and the
+scales are clamped to ``[2**-MAX_EXPONENT, 2**MAX_EXPONENT]``.
+
+Every scale is rounded to a power of two (to the nearest in log2). Multiplying or
+dividing by a power of two is exact in binary floating point (away from overflow and
+subnormals), so folding the scales into the graph leaves the model's function unchanged
+to the last bit, and the pass manager's float64 equivalence check proves it. The
+rounding moves each scale by at most a factor √2, which changes nothing measurable in
+how well the result quantizes (SmoothQuant's α itself is a coarse knob).
+
+:func:`search_scales` is the AWQ-style search: for each α of a grid (and "no
+smoothing"), quantize the scaled weights (and activations, for W8A8) with the recipe's
+quantizers and measure the group's relative output error on calibration samples; keep
+the α with the least error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+__all__ = [
+    "MAX_EXPONENT",
+    "smoothing_scales",
+    "weight_column_absmax",
+    "group_output_error",
+    "ScaleSearch",
+    "search_scales",
+]
+
+# Scales stay within 2**±20: a larger ratio between channels means a degenerate
+# statistic (a channel that is ~0 in calibration), not an outlier worth migrating.
+MAX_EXPONENT = 20
+
+Quantizer = Callable[[torch.Tensor], torch.Tensor]  # tensor -> its dequantized quantization
+
+
+def weight_column_absmax(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``max_i max_n |W_i[n, j]|`` over a group's weights, float32 ``[K]``."""
+    return torch.stack([w.detach().float().abs().amax(dim=0) for w in weights]).amax(dim=0)
+
+
+def smoothing_scales(act_stat: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Power-of-two scales ``act_stat^α / weight_absmax^(1-α)``, float32 ``[K]``.
+
+    ``act_stat`` is the activation's per-channel statistic (SmoothQuant: abs-max over
+    calibration tokens). Degenerate channels (zero or non-finite statistic) get 1.
+    """
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"smoothing alpha must be in [0, 1], got {alpha!r}")
+    a = act_stat.detach().double()
+    w = weight_absmax.detach().double()
+    if a.shape != w.shape or a.dim() != 1:
+        raise ValueError(f"activation and weight statistics must both be [K], got {tuple(a.shape)} and {tuple(w.shape)}")
+    ok = torch.isfinite(a) & torch.isfinite(w) & (a > 0) & (w > 0)
+    log2 = alpha * torch.log2(torch.where(ok, a, 1.0)) - (1.0 - alpha) * torch.log2(torch.where(ok, w, 1.0))
+    exponent = torch.round(log2).clamp(-MAX_EXPONENT, MAX_EXPONENT)
+    return torch.where(ok, torch.exp2(exponent), 1.0).float()
+
+
+def group_output_error(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    quantize_weight: Quantizer,
+    quantize_activation: Optional[Quantizer] = None,
+) -> float:
+    """Relative output error ``‖Q(X/s) Q(W s)ᵀ − X Wᵀ‖ / ‖X Wᵀ‖`` summed over the group.
+
+    ``x`` is ``[tokens, K]`` calibration samples; ``scale`` None means no smoothing.
+    Computed in float32 (the errors compared are 1e-3 and up; float32's 1e-7 does not
+    change which α wins).
+    """
+    xf = x.detach().float()
+    xs = xf if scale is None else xf / scale
+    xq = quantize_activation(xs) if quantize_activation is not None else xs
+    err = ref = 0.0
+    for w in weights:
+        wf = w.detach().float()
+        ws = wf if scale is None else wf * scale
+        exact = xf @ wf.T
+        got = xq @ quantize_weight(ws).T
+        err += float((got - exact).double().pow(2).sum())
+        ref += float(exact.double().pow(2).sum())
+    return (err / ref) ** 0.5 if ref > 0 else 0.0
+
+
+@dataclass
+class ScaleSearch:
+    """The outcome of :func:`search_scales`: the chosen α (None: no smoothing), its scales,
+    and the error of every candidate (key None = no smoothing)."""
+
+    alpha: Optional[float]
+    scale: Optional[torch.Tensor]
+    errors: dict[Optional[float], float]
+
+
+def search_scales(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    act_stat: torch.Tensor,
+    alphas: Sequence[float],
+    quantize_weight: Quantizer,
+    quantize_activation: Optional[Quantizer] = None,
+) -> ScaleSearch:
+    """Grid search over α (plus no smoothing) for the least group output error."""
+    w_absmax = weight_column_absmax(weights)
+    errors: dict[Optional[float], float] = {None: group_output_error(x, weights, None, quantize_weight, quantize_activation)}
+    scales: dict[Optional[float], Optional[torch.Tensor]] = {None: None}
+    for alpha in alphas:
+        s = smoothing_scales(act_stat, w_absmax, alpha)
+        scales[alpha] = s
+        errors[alpha] = group_output_error(x, weights, s, quantize_weight, quantize_activation)
+    best = min(errors, key=lambda a: (errors[a], a is not None))  # ties: no smoothing
+    return ScaleSearch(best, scales[best], errors)
