@@ -111,12 +111,13 @@ def _scale_consumers(gm: fx.GraphModule, group: SmoothingGroup, s: torch.Tensor)
 
 
 def _choose_scale(ctx: PassContext, gm: fx.GraphModule, group: SmoothingGroup, stats, samples):
-    """(alpha or None, scale or None, note) for one group."""
+    """(alpha or None, scale or None, note, (error without smoothing, chosen error) or None)."""
     recipe = ctx.recipe
     weights = [linear_weight(gm, c) for c in group.consumers]
     act = stats.layers[layer_name(group.consumers[0])]
     if recipe.smooth == "alpha":
-        return recipe.smooth_alpha, smoothing_scales(act.absmax, weight_column_absmax(weights), recipe.smooth_alpha), ""
+        s = smoothing_scales(act.absmax, weight_column_absmax(weights), recipe.smooth_alpha)
+        return recipe.smooth_alpha, s, "", None
     found = search_scales(
         samples[group.consumers[0]], weights, act.absmax, recipe.smooth_alphas,
         weight_fake_quant(recipe, group.channels), activation_fake_quant(recipe),
@@ -124,7 +125,7 @@ def _choose_scale(ctx: PassContext, gm: fx.GraphModule, group: SmoothingGroup, s
     base = found.errors[None]
     best = found.errors[found.alpha]
     note = f"search: err {base:.2e} -> {best:.2e}"
-    return found.alpha, found.scale, note
+    return found.alpha, found.scale, note, (base, best)
 
 
 def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -157,8 +158,12 @@ def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             for row in rows:
                 row["smoothing"] = f"none ({group.reason}; smooth_online=False)"
             continue
-        alpha, s, note = _choose_scale(ctx, gm, group, stats, samples)
+        alpha, s, note, errors = _choose_scale(ctx, gm, group, stats, samples)
         where = group.describe()
+        for row in rows:
+            row["smoothing_alpha"] = alpha
+            if errors is not None:
+                row["smoothing_errors"] = errors
         if s is None or bool((s == 1).all()):
             for row in rows:
                 row["smoothing"] = "none" + (f" ({note})" if note else "")

@@ -118,6 +118,11 @@ def quantize(
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"qcompile.quantize expects a torch.nn.Module, got {type(model).__name__}")
     recipe_obj = resolve_recipe(recipe)
+    if recipe_obj.needs_calibration and calibration is None:
+        raise CalibrationError(
+            f"recipe {recipe_obj.name!r} needs calibration data: {recipe_obj.needs_calibration}; "
+            "pass calibration=[batch, ...] (e.g. a few tokenized batches of representative text)"
+        )
     if not isinstance(args, tuple):
         args = (args,)
     kwargs = dict(kwargs or {})
@@ -128,11 +133,6 @@ def quantize(
     finally:
         model.train(was_training)
     batches = flatten_calibration(captured, calibration)
-    if recipe_obj.needs_calibration and not batches:
-        raise CalibrationError(
-            f"recipe {recipe_obj.name!r} needs calibration data: {recipe_obj.needs_calibration}; "
-            "pass calibration=[batch, ...] (e.g. a few tokenized batches of representative text)"
-        )
     example_flat = captured.flatten_inputs(args, kwargs)
     report = quantize_graph(captured, recipe_obj, batches, example_flat, verify=verify, dump_dir=dump_dir,
                             progress=progress)

@@ -52,7 +52,7 @@ def relative_error(reference: Any, actual: Any) -> float:
     for r, g in zip(ref, got):
         if r.shape != g.shape:
             raise AssertionError(f"output shapes differ: {tuple(r.shape)} vs {tuple(g.shape)}")
-        r64, g64 = r.double(), g.double()
+        r64, g64 = r.detach().double(), g.detach().double()
         worst = max(worst, float((g64 - r64).norm() / r64.norm().clamp_min(1e-300)))
     return worst
 
