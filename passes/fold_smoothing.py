@@ -46,7 +46,7 @@ from qcompile.smoothing_groups import SmoothingGroup, constant_value, find_smoot
 aten = torch.ops.aten
 
 # Calibration tokens per group the α search measures errors on.
-SEARCH_ROWS = 1024
+SEARCH_ROWS = 2048
 
 
 def _scaled(tensor: torch.Tensor, factor: torch.Tensor, *, divide: bool) -> torch.Tensor:

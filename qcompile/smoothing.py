@@ -75,21 +75,22 @@ def group_output_error(
     scale: Optional[torch.Tensor],
     quantize_weight: Quantizer,
     quantize_activation: Optional[Quantizer] = None,
+    exact_outputs: Optional[Sequence[torch.Tensor]] = None,
 ) -> float:
     """Relative output error ``‖Q(X/s) Q(W s)ᵀ − X Wᵀ‖ / ‖X Wᵀ‖`` summed over the group.
 
-    ``x`` is ``[tokens, K]`` calibration samples; ``scale`` None means no smoothing.
-    Computed in float32 (the errors compared are 1e-3 and up; float32's 1e-7 does not
-    change which α wins).
+    ``x`` is ``[tokens, K]`` calibration samples; ``scale`` None means no smoothing;
+    ``exact_outputs`` optionally the precomputed ``X W_iᵀ``. Computed in float32 (the
+    errors compared are 1e-3 and up; float32's 1e-7 does not change which α wins).
     """
     xf = x.detach().float()
     xs = xf if scale is None else xf / scale
     xq = quantize_activation(xs) if quantize_activation is not None else xs
     err = ref = 0.0
-    for w in weights:
+    for i, w in enumerate(weights):
         wf = w.detach().float()
         ws = wf if scale is None else wf * scale
-        exact = xf @ wf.T
+        exact = exact_outputs[i] if exact_outputs is not None else xf @ wf.T
         got = xq @ quantize_weight(ws).T
         err += float((got - exact).double().pow(2).sum())
         ref += float(exact.double().pow(2).sum())
@@ -116,11 +117,15 @@ def search_scales(
 ) -> ScaleSearch:
     """Grid search over α (plus no smoothing) for the least group output error."""
     w_absmax = weight_column_absmax(weights)
-    errors: dict[Optional[float], float] = {None: group_output_error(x, weights, None, quantize_weight, quantize_activation)}
+    xf = x.detach().float()
+    exact = [xf @ w.detach().float().T for w in weights]
+    errors: dict[Optional[float], float] = {
+        None: group_output_error(x, weights, None, quantize_weight, quantize_activation, exact)
+    }
     scales: dict[Optional[float], Optional[torch.Tensor]] = {None: None}
     for alpha in alphas:
         s = smoothing_scales(act_stat, w_absmax, alpha)
         scales[alpha] = s
-        errors[alpha] = group_output_error(x, weights, s, quantize_weight, quantize_activation)
+        errors[alpha] = group_output_error(x, weights, s, quantize_weight, quantize_activation, exact)
     best = min(errors, key=lambda a: (errors[a], a is not None))  # ties: no smoothing
     return ScaleSearch(best, scales[best], errors)

@@ -12,10 +12,9 @@ from qcompile.testing import count_ops
 # w8a16 0.99956 mean, w4a16 (g128 asym, range search) 0.9597 mean. The split is fixed and
 # the kernels deterministic, so the margins below are the distance to the requirement.
 THRESHOLDS = {"w8a16": 0.999, "w4a16": 0.955}
-# w8a8 (alpha 0.5 smoothing, per-token int8): 0.9986-0.9987 mean on held-out text; the issue
-# asks 0.999 (met by smooth="search", see BENCHMARKS.md), the default preset is checked
-# against what it measures, with the margin a different split moves it by (~3e-4).
-W8A8_THRESHOLD = 0.998
+# w8a8 (searched smoothing, per-token int8): 0.9990 mean on these held-out texts when
+# calibrated on 64 texts (BENCHMARKS.md); this test calibrates on 32, so it asks a little less.
+W8A8_THRESHOLD = 0.9985
 
 
 @pytest.fixture(scope="module")
@@ -52,5 +51,9 @@ def test_minilm_w8a8_on_held_out_text(minilm, texts):
     counts = count_ops(qm)
     assert counts["qcompile.linear_w8a8"] == 6 * 6 + 1 and counts.get("aten.linear", 0) == 0
     rows = {r["layer"]: r for r in qm.report().layers}
-    folded = [name for name, r in rows.items() if "fold into linear" in r.get("smoothing", "")]
-    assert sorted(folded) == sorted(f"encoder.layer.{i}.attention.output.dense" for i in range(6))
+    # post-norm BERT: V -> attention -> O is the only group a producer absorbs (where the
+    # search smooths it at all); everything else is smoothed online or not at all
+    folded = {name for name, r in rows.items() if "fold into" in r.get("smoothing", "")}
+    assert folded <= {f"encoder.layer.{i}.attention.output.dense" for i in range(6)}
+    assert all("online" not in rows[f"encoder.layer.{i}.attention.output.dense"]["smoothing"] for i in range(6))
+    assert sum("online" in r.get("smoothing", "") for r in rows.values()) >= 20

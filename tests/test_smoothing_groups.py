@@ -19,6 +19,8 @@ from qcompile.recipe import PRESETS
 from qcompile.smoothing_groups import find_smoothing_groups
 from tests.models import zoo
 
+W8A8_ALPHA = PRESETS["w8a8"].replace(smooth="alpha", smooth_alpha=0.5)
+
 aten = torch.ops.aten
 
 # Per architecture: the groups in graph order as (producer kind, number of linears).
@@ -50,7 +52,7 @@ def canonical(request):
     name = request.param
     model, (args, kwargs), (args2, kwargs2) = zoo.build(name)
     cap = capture(model, args, kwargs)
-    ctx = PassContext(PRESETS["w8a8"], cap.flatten_inputs(args, kwargs), progress=False)
+    ctx = PassContext(W8A8_ALPHA, cap.flatten_inputs(args, kwargs), progress=False)
     gm = run_passes(cap.graph_module, [canonicalize], ctx)
     return name, gm, cap.flatten_inputs(args, kwargs), cap.flatten_inputs(args2, kwargs2)
 
@@ -97,7 +99,7 @@ def test_groups_are_found_from_structure(canonical):
 def test_folding_preserves_function_on_every_architecture(canonical):
     """The pass manager's float64 check holds, and the scales really went somewhere."""
     name, gm, example, other = canonical
-    ctx = PassContext(PRESETS["w8a8"], example, calibration=[other], progress=False)
+    ctx = PassContext(W8A8_ALPHA, example, calibration=[other], progress=False)
     before = {n: get_constant(gm, n.args[1]).clone() for n in quantizable_linears(gm)}
     groups = find_smoothing_groups(gm, quantizable_linears(gm))
     out = run_passes(gm, [fold_smoothing], ctx)
@@ -116,3 +118,19 @@ def test_folding_preserves_function_on_every_architecture(canonical):
         assert all(u.target == aten.linear.default for u in mul.users)
     rows = [r for r in ctx.layers.values() if "smoothing" in r]
     assert len(rows) == len(before) and all(r["smoothing"].startswith(("alpha 0.5", "none")) for r in rows)
+
+
+def test_gemma_computed_norm_scale_folds_exactly():
+    """Gemma's norm multiplies by (1 + w): folding divides the float32 value of 1 + w by s.
+    The float64 check evaluates constant expressions at the model's precision, so it holds
+    with random (non-zero) norm weights too."""
+    model, (args, kwargs), (args2, kwargs2) = zoo.build("gemma")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.3)
+    cap = capture(model, args, kwargs)
+    ctx = PassContext(W8A8_ALPHA, cap.flatten_inputs(args, kwargs), calibration=[cap.flatten_inputs(args2, kwargs2)],
+                      progress=False)
+    run_passes(cap.graph_module, [canonicalize, fold_smoothing], ctx)
+    assert [p.verified for p in ctx.pass_log] == ["structure+float64"] * 2 and ctx.pass_log[1].modified

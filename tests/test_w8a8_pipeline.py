@@ -20,6 +20,8 @@ from tests.models import zoo
 
 aten = torch.ops.aten
 ops = torch.ops.qcompile
+# SmoothQuant's fixed alpha, so every group gets a scale (the preset searches, and may choose none)
+W8A8_ALPHA = {"preset": "w8a8", "smooth": "alpha", "smooth_alpha": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,7 @@ def _float_out(model, kwargs):
 
 def test_w8a8_lowers_every_linear_and_absorbs_online_smoothing(bert):
     model, kwargs, calib = bert
-    qm = qcompile.quantize(model, kwargs=kwargs, recipe="w8a8", calibration=calib, progress=False)
+    qm = qcompile.quantize(model, kwargs=kwargs, recipe=W8A8_ALPHA, calibration=calib, progress=False)
     counts = count_ops(qm)
     assert counts["qcompile.linear_w8a8"] == 13 and counts.get("aten.linear", 0) == 0  # 2 x 6 + pooler
     # BERT is post-norm: 11 of 13 linears read an activation no producer can absorb a scale
@@ -70,7 +72,7 @@ def test_w8a8_lowers_every_linear_and_absorbs_online_smoothing(bert):
 def test_w8a8_op_computes_what_its_constants_say(bert):
     """One lowered linear recomputed in float64 from its constants (codes, scales, smoothing)."""
     model, kwargs, calib = bert
-    qm = qcompile.quantize(model, kwargs=kwargs, recipe="w8a8", calibration=calib, progress=False)
+    qm = qcompile.quantize(model, kwargs=kwargs, recipe=W8A8_ALPHA, calibration=calib, progress=False)
     gm = qm.graph_module
     call = next(c for c in _calls(qm, ops.linear_w8a8.default) if c.args[4] is not None)
     x = torch.randn(3, 5, get_constant(gm, call.args[1]).shape[1])  # fresh input, odd shape
