@@ -40,7 +40,8 @@ class Report:
         }
 
     def table(self) -> str:
-        head = ("layer", "shape", "format", "bits", "bytes", "out err", "note")
+        smoothing = any("smoothing" in r for r in self.layers)
+        head = ("layer", "shape", "format", "bits", "bytes", "out err") + (("smoothing",) if smoothing else ()) + ("note",)
         rows = [
             (
                 r["layer"],
@@ -49,6 +50,7 @@ class Report:
                 str(r.get("bits", "")),
                 _fmt_bytes(r.get("bytes", r.get("float_bytes", 0))),
                 f"{r['output_error']:.2e}" if "output_error" in r else "-",
+                *((r.get("smoothing", "-"),) if smoothing else ()),
                 r.get("note", ""),
             )
             for r in self.layers
