@@ -1,6 +1,7 @@
 """CPU speed of qcompile's weight-only linears and of the whole all-MiniLM-L6-v2.
 
     .venv/bin/python benchmarks/minilm_cpu.py [--quick] [--threads N] [--skip-ops] [--skip-model]
+                                              [--models SUBSTR,...]
 
 Part A — the ops ``qcompile::linear_w8a16`` (int8, per-channel symmetric) and
 ``qcompile::linear_w4a16`` (int4, group 128 asymmetric) against ``F.linear`` in float32 and
@@ -9,8 +10,12 @@ activations (what a float32 model's graph hands them; they cast to bfloat16 insi
 bf16 ``F.linear`` gets bfloat16 activations and a bfloat16 weight.
 
 Part B — the whole model on one batch of 32 held-out texts padded/truncated to exactly 128
-tokens: eager fp32, an eager bf16 copy, ``qcompile.quantize`` (eager graph), Inductor fp32
-and bf16, and ``torch.compile(backend="qcompile")`` (inner Inductor). Compiled candidates are
+tokens: eager fp32, an eager bf16 copy, ``qcompile.quantize`` w8a16 / w4a16 / w8a8 (eager
+graph), Inductor fp32 and bf16, ``torch.compile(backend="qcompile")`` (inner Inductor) with
+w8a16, w4a16 and w8a8 on the fp32 model and w8a8 on a bf16 copy, and, if ``torchao`` imports,
+torchao's ``Int8DynamicActivationInt8WeightConfig`` on the fp32 model and on a bf16 copy, then
+``torch.compile`` (Inductor). qcompile calibrates on batches of the timing batch's shape (the
+backend needs them: Dynamo traces the first call with static shapes). Compiled candidates are
 warmed up (compile time excluded from the latency, reported separately).
 
 Every latency is the median of interleaved runs (A, B, C, A, B, C, ...) and every ratio
@@ -19,6 +24,7 @@ is taken between medians of the same run: the machine is shared and noisy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import os
@@ -31,10 +37,11 @@ import time
 from typing import Callable, Sequence
 
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 
 import qcompile
-from qcompile.data import calibration_and_heldout, batches, load_minilm
+from qcompile.data import calibration_and_heldout, load_minilm
 from qcompile.kernels._common import MANY_ROWS
 from qcompile.quantizers import quantize_weight_rtn
 from qcompile.timing import Timing, time_interleaved
@@ -44,6 +51,8 @@ MINILM_ROWS = [1, 8, 128, 4096]
 LARGE_SHAPE = (4096, 4096)
 LARGE_ROWS = [1, 8, 32]
 W4_GROUP = 128
+# Texts the whole-model candidates calibrate on (2 batches of 32 x 128).
+N_CALIB_TEXTS = 64
 # Other processes using this many cores' worth of CPU during a measurement make it suspect.
 CONTENDED = 0.15
 
@@ -300,52 +309,151 @@ def _clean_rounds(candidates: dict[str, Callable[[], object]], *, warmup: int, r
     return medians, len(used), len(rounds), len(clean), (sum(others) / len(others) if others else None)
 
 
-def bench_model(quick: bool, waiter: QuietWaiter) -> tuple[str, str]:
+def timing_shaped_batches(tokenizer, texts: Sequence[str], batch: int = 32, seq: int = 128) -> list[dict]:
+    """``texts`` in chunks of ``batch``, each padded/truncated to exactly ``seq`` tokens: calibration
+    batches of the timing batch's shape (Dynamo traces the first call with static shapes, and the
+    qcompile backend checks its calibration batches against that graph)."""
+    out = []
+    for i in range(0, len(texts) - batch + 1, batch):
+        enc = tokenizer(list(texts[i:i + batch]), padding="max_length", truncation=True, max_length=seq,
+                        return_tensors="pt")
+        out.append({k: v for k, v in dict(enc).items() if isinstance(v, torch.Tensor)})
+    if not out:
+        raise ValueError(f"need at least {batch} calibration texts, got {len(texts)}")
+    return out
+
+
+def torchao_status() -> tuple[str | None, str]:
+    """(torchao version, '') if torchao's int8 dynamic-activation config imports, else (None, why not)."""
+    try:
+        import torchao
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_  # noqa: F401
+    except Exception as exc:  # ImportError, or a torchao built for another torch failing at import
+        return None, f"{type(exc).__name__}: {exc}"
+    return getattr(torchao, "__version__", "?"), ""
+
+
+# torchao's own recommended Inductor settings for its quantized models (what
+# Int8DynamicActivationInt8WeightConfig(set_inductor_config=True) would set process-wide),
+# applied only while the torchao candidates compile so that the other candidates keep the defaults.
+TORCHAO_INDUCTOR_CONFIG = {
+    "coordinate_descent_tuning": True,
+    "coordinate_descent_check_all_directions": True,
+    "force_fuse_int_mm_with_mul": True,
+}
+
+
+def bench_model(quick: bool, waiter: QuietWaiter, only: Sequence[str] | None = None) -> tuple[str, str, list[str]]:
+    """Part B. ``only``: substrings of candidate names to run (besides the baselines eager fp32 and
+    Inductor fp32); it overrides ``quick``'s skipping of compiled candidates."""
     # Each compiled candidate is its own copy of the model; Dynamo keeps one cache entry per
     # copy and backend on BertModel.forward, so allow more entries than the default.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     model, tokenizer = load_minilm()
     enc = timing_batch(tokenizer)
     real_tokens = int(enc["attention_mask"].sum())
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    calib_texts, _ = calibration_and_heldout(16, 256)
-    calib = list(batches(calib_texts, tokenizer, batch_size=16))
+    calib_texts, _ = calibration_and_heldout(N_CALIB_TEXTS, 256)
+    calib = timing_shaped_batches(tokenizer, calib_texts)
+    ao_version, ao_missing = torchao_status()
+    notes: list[str] = []
 
     candidates: dict[str, Callable[[], object]] = {}
     setup: list[list[str]] = []
 
-    def add(name: str, fn: Callable[[], object], how: str, prepare: Callable[[], object] | None = None):
-        t0 = time.perf_counter()
-        if prepare is not None:
-            fn = prepare()
-        with torch.no_grad():
-            t1 = time.perf_counter()
-            fn()
-            first = time.perf_counter() - t1
-        prep = t1 - t0
-        setup.append([name, how, f"{prep:.1f}" if name.startswith("qcompile.quantize") else "-", f"{first:.1f}"])
-        candidates[name] = fn
-        print(f"  [model] {name}: ready (prepare {prep:.1f} s, first call {first:.1f} s)", file=sys.stderr, flush=True)
+    def wanted(name: str, compiled: bool) -> bool:
+        if name in ("eager fp32", "Inductor fp32") and (not quick or only):
+            return True
+        if only:
+            return name == "eager fp32" or any(o in name for o in only)
+        return not (quick and compiled)
 
-    add("eager fp32", lambda: model(**enc), "the Hugging Face model")
-    add("eager bf16", lambda: bf16(**enc), "deepcopy(model).to(bfloat16)")
-    for recipe in ("w8a16", "w4a16"):
-        def prepare(recipe=recipe):
-            qm = qcompile.quantize(model, kwargs=calib[0], recipe=recipe, calibration=calib, progress=False)
-            return lambda: qm(**enc)
-        add(f"qcompile.quantize {recipe}", None, "qcompile.quantize(...), eager graph", prepare)
-    if not quick:
-        add("Inductor fp32", None, "torch.compile(model)",
-            lambda: (lambda c: (lambda: c(**enc)))(torch.compile(copy.deepcopy(model))))
-        add("Inductor bf16", None, "torch.compile(bf16 copy)",
-            lambda: (lambda c: (lambda: c(**enc)))(torch.compile(copy.deepcopy(bf16))))
-        for recipe in ("w8a16", "w4a16"):
-            def prepare(recipe=recipe):
-                c = torch.compile(copy.deepcopy(model), backend="qcompile",
-                                  options={"recipe": recipe, "inner": "inductor"})
-                return lambda: c(**enc)
-            add(f"backend=qcompile {recipe}", None,
-                f'torch.compile(model, backend="qcompile", options={{"recipe": "{recipe}"}})', prepare)
+    def add(name: str, how: str, prepare: Callable[[], tuple[Callable[[], object], float | None]], *,
+            compiled: bool, config: dict | None = None):
+        """``prepare`` returns (the timed callable, seconds of its quantization step or None)."""
+        if not wanted(name, compiled):
+            return
+        print(f"  [model] {name}: preparing ...", file=sys.stderr, flush=True)
+        patch = torch._inductor.config.patch(config) if config else contextlib.nullcontext()
+        with patch:
+            t0 = time.perf_counter()
+            fn, quantize_s = prepare()
+            with torch.no_grad():
+                t1 = time.perf_counter()
+                fn()
+                first = time.perf_counter() - t1
+        q = "-" if quantize_s is None else f"{quantize_s:.2f}" if quantize_s < 1 else f"{quantize_s:.1f}"
+        setup.append([name, how, q, f"{first:.1f}"])
+        candidates[name] = fn
+        print(f"  [model] {name}: ready (prepare {t1 - t0:.1f} s, first call {first:.1f} s)", file=sys.stderr,
+              flush=True)
+
+    def call(m):
+        return lambda: m(**enc)
+
+    def timed(make):
+        t0 = time.perf_counter()
+        out = make()
+        return out, time.perf_counter() - t0
+
+    def qcompile_quantize(recipe):
+        def prepare():
+            qm, s = timed(lambda: qcompile.quantize(model, kwargs=calib[0], recipe=recipe, calibration=calib,
+                                                    progress=False))
+            return call(qm), s
+        return prepare
+
+    def backend(recipe, source):
+        def prepare():
+            c = torch.compile(copy.deepcopy(source), backend="qcompile",
+                              options={"recipe": recipe, "calibration": calib, "inner": "inductor",
+                                       "progress": False})
+            return call(c), None
+        return prepare
+
+    def torchao(source):
+        def prepare():
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+            m = copy.deepcopy(source)
+            _, s = timed(lambda: quantize_(m, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)))
+            return call(torch.compile(m)), s
+        return prepare
+
+    add("eager fp32", "the Hugging Face model", lambda: (call(model), None), compiled=False)
+    add("eager bf16", "deepcopy(model).to(bfloat16)", lambda: (call(bf16), None), compiled=False)
+    for recipe in ("w8a16", "w4a16", "w8a8"):
+        add(f"qcompile.quantize {recipe}", f'qcompile.quantize(model, recipe="{recipe}"), eager graph',
+            qcompile_quantize(recipe), compiled=False)
+    add("Inductor fp32", "torch.compile(model)", lambda: (call(torch.compile(copy.deepcopy(model))), None),
+        compiled=True)
+    add("Inductor bf16", "torch.compile(bf16 copy)", lambda: (call(torch.compile(copy.deepcopy(bf16))), None),
+        compiled=True)
+    for recipe in ("w8a16", "w4a16", "w8a8"):
+        add(f"backend=qcompile {recipe}",
+            f'torch.compile(model, backend="qcompile", options={{"recipe": "{recipe}", "calibration": ...}})',
+            backend(recipe, model), compiled=True)
+    add("backend=qcompile w8a8 (bf16 model)",
+        'torch.compile(bf16 copy, backend="qcompile", options={"recipe": "w8a8", "calibration": ...})',
+        backend("w8a8", bf16), compiled=True)
+    ao_names = ("torchao int8 dyn act + int8 weight", "torchao int8 dyn act + int8 weight (bf16 model)")
+    if ao_version is None:
+        if any(wanted(n, True) for n in ao_names):
+            msg = (f"torchao candidates skipped: torchao does not import ({ao_missing}). Install it with "
+                   "`.venv/bin/pip install torchao --no-deps` (torchao 0.18.0 imports with torch 2.13 CPU; "
+                   "its CUDA-only extensions print load warnings, which are harmless on CPU).")
+            notes.append(msg)
+            print(f"  [model] {msg}", file=sys.stderr, flush=True)
+    else:
+        add(ao_names[0], "quantize_(deepcopy(model), Int8DynamicActivationInt8WeightConfig()), torch.compile",
+            torchao(model), compiled=True, config=TORCHAO_INDUCTOR_CONFIG)
+        add(ao_names[1], "the same on the bf16 copy", torchao(bf16), compiled=True, config=TORCHAO_INDUCTOR_CONFIG)
+        if any(n in candidates for n in ao_names):
+            notes.append(
+                f"torchao {ao_version}: `quantize_(copy.deepcopy(m), Int8DynamicActivationInt8WeightConfig("
+                "set_inductor_config=False))` (int8 per-channel weights, dynamic per-token int8 activations, no "
+                "smoothing), then `torch.compile` (Inductor) with torchao's recommended Inductor settings ("
+                + ", ".join(f"{k}={v}" for k, v in TORCHAO_INDUCTOR_CONFIG.items())
+                + ") patched in only while it compiles.")
 
     t, kept, attempted, clean, other = _clean_rounds(candidates, warmup=1 if quick else 2, repeat=3 if quick else 11,
                                               waiter=waiter)
@@ -363,15 +471,25 @@ def bench_model(quick: bool, waiter: QuietWaiter) -> tuple[str, str]:
             f"undisturbed, i.e. other processes used < {CONTENDED} cores; "
             f"{'only those are used' if kept == clean else 'too few, so all are used'}); other processes used "
             f"{'?' if other is None else f'{other:.2f}'} cores (of {os.cpu_count()}) on average during the rounds used. "
-            f"qcompile.quantize calibrates on {len(calib_texts)} texts.")
-    return table + "\n\n" + note, setup_table
+            f"qcompile.quantize and backend=\"qcompile\" calibrate on {len(calib_texts)} other texts in "
+            f"{len(calib)} batches of 32 x 128 tokens (the timing batch's shape, which the backend needs: Dynamo "
+            "traces the first call with static shapes); the backend runs with inner=\"inductor\", which decomposes "
+            "`qcompile::linear_w8a8` into ATen ops (with `torch._int_mm`) so that Inductor fuses the activation "
+            "quantization. w8a8: int8 per-channel weights, dynamic per-token int8 activations, SmoothQuant "
+            "alpha 0.5 folded into the graph.")
+    return table + "\n\n" + note, setup_table, notes
 
 
 # --------------------------------------------------------------------------- main
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer repeats; skip Inductor and the qcompile backend")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer repeats; in part B skip the torch.compile candidates (Inductor, the qcompile "
+                        "backend, torchao) unless --models names them")
+    p.add_argument("--models", default=None, metavar="SUBSTR,...",
+                   help="part B: run only the candidates whose name contains one of these substrings (plus the "
+                        "baselines eager fp32 and Inductor fp32), e.g. --models 'w8a8,torchao'")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--skip-ops", action="store_true", help="skip part A (linear ops)")
     p.add_argument("--skip-model", action="store_true", help="skip part B (whole model)")
@@ -412,15 +530,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         emit("## B. Whole all-MiniLM-L6-v2, batch 32 x 128 tokens")
         emit()
         share = CpuShare()
-        table, setup_table = bench_model(args.quick, waiter)
+        only = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+        table, setup_table, notes = bench_model(args.quick, waiter, only)
         emit(table)
         emit()
+        for line in notes:
+            emit(line)
+            emit()
         emit(share.report() + " (includes quantization and compilation)")
         emit()
         emit("One-time costs, not in the latencies above. quantize s: `qcompile.quantize` (capture, passes, "
              "verification, per-layer errors on the calibration batch). first call s: for `torch.compile` "
              "candidates this is Dynamo + Inductor compilation (and, for `backend=\"qcompile\"`, capture and "
-             "quantization, which that backend does on the first call); for the others, one-time layout work.")
+             "quantization with its calibration batches, which that backend does on the first call); for the "
+             "others, one-time layout work. For torchao, quantize s is the time of `quantize_`.")
         emit()
         emit(setup_table)
         emit()

@@ -62,7 +62,7 @@ def test_unknown_names_and_fields():
 def test_activation_and_smoothing_presets():
     w8a8, static, fp8, awq = (PRESETS[n] for n in ("w8a8", "w8a8-static", "fp8", "w4a16-awq"))
     assert (w8a8.activation_bits, w8a8.activation_scale, w8a8.smooth) == (8, "dynamic", "search")
-    assert (static.smooth, static.smooth_alpha, fp8.smooth) == ("alpha", 0.5, "alpha")
+    assert (static.smooth, fp8.smooth) == ("search", "search")
     assert (w8a8.weight_bits, w8a8.group_size, w8a8.symmetric) == (8, None, True)
     assert static.activation_scale == "static" and static.needs_calibration
     assert (fp8.activation_format, fp8.weight_format) == ("fp8", "fp8")
