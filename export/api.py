@@ -108,6 +108,24 @@ def _torch_onnx_export(ep, table, graph, opset: int) -> ir.Model:
     return program.model
 
 
+# Element types of quantized weights: a node reading a 2-D constant of one of these is never
+# constant-folded (folding DequantizeLinear or Cast of a small quantized weight would store a
+# float copy of it in the file; large ones are already above onnxscript's folding size limit).
+_QUANTIZED_DTYPES = frozenset({
+    ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4,
+    ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E4M3FNUZ, ir.DataType.FLOAT8E5M2, ir.DataType.FLOAT8E5M2FNUZ,
+})
+
+
+def _keeps_quantized_weights(node: ir.Node) -> bool | None:
+    """onnxscript's ``should_fold``: False for a node that reads a quantized 2-D constant, else its default."""
+    for value in node.inputs:
+        tensor = None if value is None else value.const_value
+        if tensor is not None and tensor.dtype in _QUANTIZED_DTYPES and len(tensor.shape) >= 2:
+            return False
+    return None
+
+
 def _optimize(model: ir.Model) -> None:
     """Constant folding and dead-code removal, keeping functions (the qcompile domain) as calls."""
     # onnx_ir logs a warning for each constant that is also a graph output (a KV cache's
@@ -116,7 +134,7 @@ def _optimize(model: ir.Model) -> None:
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        onnxscript.optimizer.optimize_ir(model, inline=False)
+        onnxscript.optimizer.optimize_ir(model, inline=False, should_fold=_keeps_quantized_weights)
     finally:
         logger.setLevel(level)
     ir.passes.common.RemoveUnusedNodesPass()(model)
@@ -151,13 +169,15 @@ def to_onnx(
             checked with ``onnx.checker``; nothing is left behind on failure.
         flavor: how qcompile's ops are written:
             ``"ort"`` — ONNX Runtime contrib ops (``com.microsoft.MatMulNBits`` for 4- and
-            8-bit weight-only linears);
-            ``"qdq"`` — standard ONNX only (``DequantizeLinear`` + ``MatMul``, opset 21);
+            8-bit weight-only linears, ``com.microsoft.MatMulIntegerToFloat`` for W8A8);
+            ``"qdq"`` — standard ONNX only (``QuantizeLinear`` / ``DequantizeLinear`` +
+            ``MatMul``, opset 21; FP8 linears are refused);
             ``"qcompile"`` — ``qcompile``-domain ops with ONNX function bodies.
         dynamic: keep the captured graph's symbolic dimensions dynamic (inputs named after
             the model's arguments, axes ``batch``, ``sequence``, ...); False fixes every
             size to the captured example's.
-        opset: default-domain opset (>= 18; the "qdq" flavor and 4-bit fallbacks need 21).
+        opset: default-domain opset (>= 18; the "qdq" flavor and 4-bit fallbacks need 21,
+            FP8 ops need 19).
         external_data: None writes weights to ``<path>.data`` only when the model would
             exceed protobuf's 2 GB limit; True always; False never (error if too large).
         accuracy_level: "ort" flavor only, MatMulNBits' ``accuracy_level`` attribute. None

@@ -18,6 +18,12 @@ Zeros are always given (qcompile's default zero point, 0 for 8-bit and 8 for 4-b
 written out when the weight has none): ONNX function bodies cannot branch on an omitted
 input. ONNX Runtime constant-folds the inlined dequantization when it loads the model, so
 it keeps a float32 copy of each weight in memory and runs at float32 speed.
+
+The activation-quantized ops (``LinearW8A8``, ``LinearW8A8Static``, ``LinearFP8``,
+``QuantizePerToken``, ``QuantizePerTokenFP8``) live in
+:mod:`qcompile.export.activation_domain`, which adds them to :data:`DOMAIN_OPS` with
+:func:`register_domain_ops`. Every entry of :data:`DOMAIN_OPS` has a ``name``, a
+``schema()`` and a ``function(opset)``.
 """
 from __future__ import annotations
 
@@ -31,10 +37,19 @@ from onnx import AttributeProto, TensorProto, helper
 from onnx.defs import OpSchema
 
 from .context import ExportContext
+from .contrib_schemas import op_schema
 from .layouts import stored_zeros
 from .weight_only import add_bias, read_call
 
-__all__ = ["QCOMPILE_DOMAIN", "QCOMPILE_DOMAIN_VERSION", "DOMAIN_OPS", "weight_only_linear", "add_functions"]
+__all__ = [
+    "QCOMPILE_DOMAIN",
+    "QCOMPILE_DOMAIN_VERSION",
+    "DOMAIN_OPS",
+    "register_domain_ops",
+    "qcompile_opset",
+    "weight_only_linear",
+    "add_functions",
+]
 
 QCOMPILE_DOMAIN = "qcompile"
 QCOMPILE_DOMAIN_VERSION = 1
@@ -123,26 +138,23 @@ class DomainOp:
     body: Callable[[str], onnx.FunctionProto]
 
     def schema(self) -> OpSchema:
-        single = OpSchema.FormalParameterOption.Single
-        param = OpSchema.FormalParameter
-        return OpSchema(
+        return op_schema(
             self.name,
             QCOMPILE_DOMAIN,
             QCOMPILE_DOMAIN_VERSION,
             f"qcompile.{self.name} (see qcompile.export.qcompile_domain)",
             inputs=[
-                param("X", "T", "activations [..., K]", param_option=single),
-                param("QWeight", "Q", "quantized weight in qcompile's storage", param_option=single),
-                param("Scales", "tensor(float)", "scales [N, K / group_size]", param_option=single),
-                param("Zeros", "tensor(float)", "zero points [N, K / group_size]", param_option=single),
+                ("X", "T", "activations [..., K]"),
+                ("QWeight", "Q", "quantized weight in qcompile's storage"),
+                ("Scales", "tensor(float)", "scales [N, K / group_size]"),
+                ("Zeros", "tensor(float)", "zero points [N, K / group_size]"),
             ],
-            outputs=[param("Y", "T", "output [..., N]", param_option=single)],
+            outputs=[("Y", "T", "output [..., N]")],
             type_constraints=[
                 ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations"),
                 ("Q", [self.weight_type], "quantized weight"),
             ],
-            attributes=[OpSchema.Attribute("group_size", OpSchema.AttrType.INT, "input channels per group",
-                                           required=True)],
+            attributes=[("group_size", "input channels per group")],
         )
 
     def function(self, opset: int) -> onnx.FunctionProto:
@@ -157,7 +169,18 @@ DOMAIN_OPS = {
 }
 
 
-def _qcompile_opset():
+def register_domain_ops(*ops) -> None:
+    """Add ops (each with ``name``, ``schema()`` and ``function(opset)``) to :data:`DOMAIN_OPS`."""
+    with _LOCK:
+        for op in ops:
+            known = DOMAIN_OPS.get(op.name)
+            if known is not None and known is not op:
+                raise ValueError(f"qcompile domain op {op.name!r} is already registered")
+            DOMAIN_OPS[op.name] = op
+
+
+def qcompile_opset():
+    """The ``qcompile`` opset for onnxscript (the schemas of :data:`DOMAIN_OPS` registered first)."""
     import onnxscript
 
     with _LOCK:
@@ -176,7 +199,7 @@ def weight_only_linear(op_name: str, bits: int, domain_op: str):
             zeros = ctx.initializer(
                 f"{call.name}.zeros", stored_zeros(call.qweight, call.scales, None, bits=bits).numpy()
             )
-        node = getattr(_qcompile_opset(), domain_op)
+        node = getattr(qcompile_opset(), domain_op)
         y = node(x, qweight, scales, zeros, group_size=call.group_size)
         ctx.use_function(domain_op)
         return add_bias(ctx, y, x, bias)

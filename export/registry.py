@@ -7,7 +7,9 @@ An op that a later issue adds (w8a8, a Hadamard rotation, ...) slots in as one e
     TRANSLATIONS.add(torch.ops.qcompile.linear_w8a8.default, ort=..., qcompile=...)
 
 and an op without a translation for the requested flavor is refused before anything is
-written, with the flavors that do support it (:meth:`TranslationTable.build`).
+written, with the flavors that do support it (:meth:`TranslationTable.build`). A flavor
+that cannot express an op (or whose output ONNX Runtime cannot run) is declared with
+:meth:`TranslationTable.refuse` and its reason, which the refusal then states.
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ class TranslationTable:
 
     def __init__(self) -> None:
         self._entries: dict[torch._ops.OpOverload, dict[str, Translation]] = {}
+        self._refusals: dict[torch._ops.OpOverload, dict[str, str]] = {}
 
     def add(self, op: torch._ops.OpOverload, **by_flavor: Translation) -> None:
         """Register ``op``'s translations, one keyword per flavor (``ort=``, ``qdq=``, ``qcompile=``)."""
@@ -63,6 +66,21 @@ class TranslationTable:
         if unknown:
             raise ValueError(f"unknown flavor(s) {sorted(unknown)}; flavors: {', '.join(FLAVORS)}")
         self._entries.setdefault(op, {}).update(by_flavor)
+        for flavor in by_flavor:
+            self._refusals.get(op, {}).pop(flavor, None)
+
+    def refuse(self, op: torch._ops.OpOverload, flavor: str, reason: str) -> None:
+        """Declare that ``flavor`` does not translate ``op``, because ``reason`` (stated in the error)."""
+        if not isinstance(op, torch._ops.OpOverload):
+            raise TypeError(f"translations are registered per OpOverload (e.g. op.default), got {op!r}")
+        if flavor not in FLAVORS:
+            raise ValueError(f"unknown flavor {flavor!r}; flavors: {', '.join(FLAVORS)}")
+        self._entries.get(op, {}).pop(flavor, None)
+        self._refusals.setdefault(op, {})[flavor] = reason
+
+    def refusals(self, op: torch._ops.OpOverload) -> dict[str, str]:
+        """Flavor -> reason, for the flavors declared unable to translate ``op``."""
+        return dict(self._refusals.get(op, {}))
 
     def flavors_for(self, op: torch._ops.OpOverload) -> tuple[str, ...]:
         """The flavors with a translation of ``op``, in the order of :data:`FLAVORS`."""
@@ -76,6 +94,8 @@ class TranslationTable:
         new = TranslationTable()
         for op, by_flavor in self._entries.items():
             new._entries[op] = dict(by_flavor)
+        for op, reasons in self._refusals.items():
+            new._refusals[op] = dict(reasons)
         return new
 
     def build(self, used: Mapping[torch._ops.OpOverload, list[str]], ctx: ExportContext) -> dict[Any, Callable]:
@@ -100,6 +120,11 @@ class TranslationTable:
         nodes = list(nodes)
         where = ", ".join(nodes[:3]) + (f" and {len(nodes) - 3} more" if len(nodes) > 3 else "")
         supported = self.flavors_for(op)
+        reason = self._refusals.get(op, {}).get(flavor)
+        if reason is not None:
+            works = ", ".join(supported) or "none"
+            return (f"{op_label(op)} (node {where}) cannot be exported with flavor {flavor!r}: {reason}; "
+                    f"flavors that support it: {works}" + (f"; export with flavor={supported[0]!r}" if supported else ""))
         if supported:
             hint = f"flavors that support it: {', '.join(supported)}; export with flavor={supported[0]!r}"
         else:

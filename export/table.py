@@ -5,7 +5,7 @@ import torch
 
 from qcompile import kernels  # noqa: F401  (registers the qcompile:: ops)
 
-from . import ort_contrib, qcompile_domain, qdq
+from . import activation_domain, activation_ort, activation_qdq, ort_contrib, qcompile_domain, qdq
 from .registry import TranslationTable
 
 __all__ = ["TRANSLATIONS"]
@@ -25,4 +25,22 @@ TRANSLATIONS.add(
     ort=ort_contrib.weight_only_linear("qcompile::linear_w4a16", 4),
     qdq=qdq.weight_only_linear("qcompile::linear_w4a16", 4),
     qcompile=qcompile_domain.weight_only_linear("qcompile::linear_w4a16", 4, "LinearW4A16"),
+)
+TRANSLATIONS.add(
+    _ops.linear_w8a8.default,
+    ort=activation_ort.linear_w8a8,
+    qdq=activation_qdq.linear_w8a8,
+    qcompile=activation_domain.linear_w8a8,
+)
+TRANSLATIONS.add(
+    _ops.linear_fp8.default,
+    ort=activation_ort.linear_fp8,
+    qcompile=activation_domain.linear_fp8,
+)
+TRANSLATIONS.refuse(_ops.linear_fp8.default, "qdq", activation_qdq.FP8_LINEAR_REFUSAL)
+TRANSLATIONS.add(
+    _ops.quantize_per_token.default,
+    ort=activation_ort.quantize_per_token,
+    qdq=activation_qdq.quantize_per_token,
+    qcompile=activation_domain.quantize_per_token,
 )

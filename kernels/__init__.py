@@ -34,6 +34,7 @@ from qcompile.kernels.linear_w4a16 import linear_w4a16_reference
 from qcompile.kernels.linear_w8a8 import linear_fp8_reference, linear_w8a8_reference
 from qcompile.kernels.linear_w8a16 import linear_w8a16_reference
 from qcompile.kernels.quantize_per_token import quantize_per_token_reference
+from qcompile.kernels import _triton_common  # noqa: F401,E402  registers the Triton CUDA kernels if triton is installed
 
 __all__ = [
     "linear_w8a16_reference",

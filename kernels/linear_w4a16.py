@@ -20,9 +20,11 @@ Implementations:
   cached (:class:`qcompile.kernels._common.KernelLayoutCache`). Numerics: x, the scales,
   the offsets and the output are rounded to bfloat16 ("a16"); with float32 or float16
   activations the kernel is ~40-100x slower, so x is cast to bfloat16 and back.
+* on CUDA, when triton is installed, the Triton kernel of
+  :mod:`qcompile.kernels.triton_linear_w4a16` (int4 weights dequantized in registers inside
+  the GEMM loop, split-K for M <= 16), registered by :mod:`qcompile.kernels._triton_common`;
+  ``QCOMPILE_TRITON=0`` sends CUDA calls to the reference instead.
 * fake implementation, so torch.export and torch.compile can trace the op.
-
-The Triton implementation is added by the kernels issue.
 """
 from __future__ import annotations
 

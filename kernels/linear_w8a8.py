@@ -72,9 +72,13 @@ Implementations:
   backend"; torch 2.13 accepts them). The reference itself is slow on CPU (0.13x-0.87x
   of fp32 ``F.linear``): converting e4m3fn weights to float32 on every call costs more
   than the GEMM. fp8 is for GPUs; on CPU the op serves accuracy evaluation.
+* CUDA path of ``linear_w8a8``, when triton is installed: the Triton kernels of
+  :mod:`qcompile.kernels.triton_linear_w8a8` (per-token or static quantization, then an
+  int8 ``tl.dot`` GEMM with int32 accumulation and this epilogue fused; bit-identical to the
+  reference), registered by :mod:`qcompile.kernels._triton_common`; ``QCOMPILE_TRITON=0``,
+  or K > :data:`INT_MM_MAX_K`, sends CUDA calls to the reference. ``linear_fp8`` has no
+  Triton kernel yet.
 * fake implementations, so torch.export and torch.compile can trace the ops.
-
-The Triton implementations are added by the kernels issue.
 """
 from __future__ import annotations
 

@@ -24,11 +24,13 @@ Implementations:
   buffer updated in place and the row absmax taken as ``max(amax, -amin)`` with no
   ``abs`` temporary (:func:`row_absmax`). Allocating and sweeping the reference's
   temporaries dominates its cost (4-20x at 4096 rows; see :func:`quantize_rows_fast`).
-* on other devices, the reference (on CUDA it gives the same bits as on CPU: checked on an
-  H100 with torch 2.11).
+* on CUDA, when triton is installed, the Triton kernel of
+  :mod:`qcompile.kernels.triton_quantize_per_token` (bit-identical to the reference; one
+  pass over each row), registered by :mod:`qcompile.kernels._triton_common`;
+  ``QCOMPILE_TRITON=0`` sends CUDA calls to the reference instead.
+* elsewhere (other devices; CUDA without triton or with ``QCOMPILE_TRITON=0``), the
+  reference (on CUDA it gives the same bits as on CPU: checked on an H100 with torch 2.11).
 * fake implementation, so torch.export and torch.compile can trace the op.
-
-The Triton implementation is added by the kernels issue.
 """
 from __future__ import annotations
 

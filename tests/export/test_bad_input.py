@@ -52,9 +52,15 @@ def test_op_without_a_translation_for_this_flavor_names_the_flavors_that_have_on
 
 
 def test_the_shipped_table_translates_every_qcompile_op_in_every_flavor():
+    """... or declares, with its reason, the flavor that cannot (linear_fp8 in "qdq")."""
     for op in TRANSLATIONS.ops():
-        assert TRANSLATIONS.flavors_for(op) == ("ort", "qdq", "qcompile"), op
-    assert set(TRANSLATIONS.ops()) >= {torch.ops.qcompile.linear_w8a16.default, torch.ops.qcompile.linear_w4a16.default}
+        refused = TRANSLATIONS.refusals(op)
+        assert all(refused.values()), op
+        assert sorted((*TRANSLATIONS.flavors_for(op), *refused)) == sorted(("ort", "qdq", "qcompile")), op
+    assert TRANSLATIONS.refusals(torch.ops.qcompile.linear_fp8.default).keys() == {"qdq"}
+    ops = torch.ops.qcompile
+    assert set(TRANSLATIONS.ops()) >= {ops.linear_w8a16.default, ops.linear_w4a16.default, ops.linear_w8a8.default,
+                                       ops.linear_fp8.default, ops.quantize_per_token.default}
 
 
 def test_table_rejects_unknown_flavors_and_packets():
