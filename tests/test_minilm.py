@@ -13,8 +13,10 @@ from qcompile.testing import count_ops
 # the kernels deterministic, so the margins below are the distance to the requirement.
 THRESHOLDS = {"w8a16": 0.999, "w4a16": 0.955}
 # w8a8 (searched smoothing, per-token int8): 0.9990 mean on these held-out texts when
-# calibrated on 64 texts (BENCHMARKS.md); this test calibrates on 32, so it asks a little less.
-W8A8_THRESHOLD = 0.9985
+# calibrated on 64 texts with the preset's 11-point grid (BENCHMARKS.md); to keep the suite
+# fast this test searches 3 exponents on 32 texts (measured ~0.9988), so it asks a little less.
+W8A8_THRESHOLD = 0.998
+W8A8_TEST_RECIPE = {"preset": "w8a8", "smooth_alphas": [0.5, 0.7, 0.9]}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def test_minilm_fidelity_on_held_out_text(minilm, texts, recipe):
 def test_minilm_w8a8_on_held_out_text(minilm, texts):
     model, _ = minilm
     calib, heldout = texts
-    qm = qcompile.quantize(model, kwargs=calib[0], recipe="w8a8", calibration=calib, progress=False)
+    qm = qcompile.quantize(model, kwargs=calib[0], recipe=W8A8_TEST_RECIPE, calibration=calib, progress=False)
     cosine = embedding_cosine(_embed(qm, heldout), _embed(model, heldout))
     assert cosine.mean() >= W8A8_THRESHOLD, float(cosine.mean())
     counts = count_ops(qm)
