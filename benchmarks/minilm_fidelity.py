@@ -14,6 +14,12 @@ Rows (``--recipes`` picks a subset by key; ``--list`` prints the keys):
   ``clip_objective="output"``); w4a16 with ``clip_objective="weight"`` (plain squared weight
   error: the preset's previous behaviour); w4a16 without range search, symmetric, group 64;
   w4a16-awq (w4a16 plus a per-group searched smoothing scale).
+* GPTQ against RTN at W4 g128 and W3 g128, same everything else: the w4a16-gptq preset
+  (int4 g128 asymmetric, GPTQ in activation order on grids range-searched with diag H
+  weights) and its variants without range search, in column order, with act order inside
+  groups visited by decreasing Σ H_ii (``gptq_static_groups=False``), symmetric, with
+  ``gptq_damp=0.1``; int3 g128 (a 3-bit grid in the 4-bit container) with RTN and GPTQ,
+  with and without range search.
 * 8-bit activations: w8a8 (int8 per-channel weights, dynamic per-token int8 activations,
   SmoothQuant alpha 0.5 folded into the graph); w8a8 without smoothing (the numerics of
   torchao's ``Int8DynamicActivationInt8WeightConfig``); w8a8 with searched smoothing scales;
@@ -102,8 +108,8 @@ def fake_quantized(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
         if isinstance(module, torch.nn.Linear):
             k = module.in_features
             group = recipe.group_size if recipe.group_size is not None and k % recipe.group_size == 0 else None
-            q = quantize_weight_rtn(module.weight.data, recipe.weight_bits, group, recipe.symmetric,
-                                    clip_ratios=recipe.clip_ratios or None)
+            q = quantize_weight_rtn(module.weight.data, recipe.weight_storage_bits, group, recipe.symmetric,
+                                    clip_ratios=recipe.clip_ratios or None, grid_bits=recipe.weight_bits)
             module.weight.data = dequantize_weight(q)
     return fq
 
@@ -178,6 +184,30 @@ def variants() -> list[Variant]:
                 "int4, g64, asym, range search (output-weighted)", A16),
         Variant("w4a16-awq", "w4a16-awq (preset)", "w4a16-awq", "int4, g128, asym, range search (output-weighted)",
                 A16),
+        # GPTQ against RTN, same everything else (W4 g128 and W3 g128)
+        Variant("w4a16-gptq", "w4a16-gptq (preset)", "w4a16-gptq",
+                "int4, g128, asym, range search (H-weighted), GPTQ act-order", A16),
+        Variant("w4a16-gptq-no-clip", "w4a16-gptq no range search", {"preset": "w4a16-gptq", "clip_ratios": ()},
+                "int4, g128, asym, min/max grid, GPTQ act-order", A16),
+        Variant("w4a16-gptq-no-act-order", "w4a16-gptq gptq_act_order=False",
+                {"preset": "w4a16-gptq", "gptq_act_order": False},
+                "int4, g128, asym, range search (H-weighted), GPTQ in column order", A16),
+        Variant("w4a16-gptq-grouped", "w4a16-gptq gptq_static_groups=False",
+                {"preset": "w4a16-gptq", "gptq_static_groups": False},
+                "int4, g128, asym, range search (H-weighted), GPTQ act-order within groups, grids as reached", A16),
+        Variant("w4a16-gptq-sym", "w4a16-gptq symmetric", {"preset": "w4a16-gptq", "symmetric": True},
+                "int4, g128, sym, range search (H-weighted), GPTQ act-order", A16),
+        Variant("w4a16-gptq-damp0.1", "w4a16-gptq gptq_damp=0.1", {"preset": "w4a16-gptq", "gptq_damp": 0.1},
+                "int4, g128, asym, range search (H-weighted), GPTQ act-order", A16),
+        Variant("w3a16", "w3a16 RTN", {"preset": "w4a16", "weight_bits": 3},
+                "int3, g128, asym, range search (output-weighted)", A16),
+        Variant("w3a16-no-clip", "w3a16 RTN no range search", {"preset": "w4a16", "weight_bits": 3, "clip_ratios": ()},
+                "int3, g128, asym, plain min/max RTN", A16),
+        Variant("w3a16-gptq", "w3a16 GPTQ", {"preset": "w4a16-gptq", "weight_bits": 3},
+                "int3, g128, asym, range search (H-weighted), GPTQ act-order", A16),
+        Variant("w3a16-gptq-no-clip", "w3a16 GPTQ no range search",
+                {"preset": "w4a16-gptq", "weight_bits": 3, "clip_ratios": ()},
+                "int3, g128, asym, min/max grid, GPTQ act-order", A16),
         Variant("w8a8", "w8a8 (preset)", "w8a8", "int8, per-channel, symmetric", A8_TOKEN),
         Variant("w8a8-no-smooth", 'w8a8 smooth="off"', {"preset": "w8a8", "smooth": "off"},
                 "int8, per-channel, symmetric", A8_TOKEN),

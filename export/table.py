@@ -5,7 +5,7 @@ import torch
 
 from qcompile import kernels  # noqa: F401  (registers the qcompile:: ops)
 
-from . import activation_domain, activation_ort, activation_qdq, ort_contrib, qcompile_domain, qdq
+from . import activation_domain, activation_ort, activation_qdq, hadamard, linear_w4ax, ort_contrib, qcompile_domain, qdq
 from .registry import TranslationTable
 
 __all__ = ["TRANSLATIONS"]
@@ -43,4 +43,22 @@ TRANSLATIONS.add(
     ort=activation_ort.quantize_per_token,
     qdq=activation_qdq.quantize_per_token,
     qcompile=activation_domain.quantize_per_token,
+)
+TRANSLATIONS.add(
+    _ops.hadamard.default,
+    ort=hadamard.hadamard_standard,
+    qdq=hadamard.hadamard_standard,
+    qcompile=hadamard.hadamard_domain,
+)
+TRANSLATIONS.add(
+    _ops.linear_w4a8.default,
+    ort=linear_w4ax.linear_w4ax_ort(8),
+    qdq=linear_w4ax.linear_w4ax_qdq(8),
+    qcompile=linear_w4ax.linear_w4ax_domain(8),
+)
+TRANSLATIONS.add(
+    _ops.linear_w4a4.default,
+    ort=linear_w4ax.linear_w4ax_ort(4),
+    qdq=linear_w4ax.linear_w4ax_qdq(4),
+    qcompile=linear_w4ax.linear_w4ax_domain(4),
 )

@@ -3,11 +3,13 @@
 This module never imports triton at import time, so ``import qcompile`` stays cheap and works
 on machines without triton or without a GPU. Importing it (``qcompile.kernels`` does)
 registers, when triton is installed, the Triton paths as the CUDA kernels of
-``qcompile::quantize_per_token``, ``qcompile::linear_w8a8`` and ``qcompile::linear_w4a16``
-(``torch.library.register_kernel(..., "cuda", ...)``): CPU calls keep their CPU paths, CUDA
-calls take the Triton kernels, and a graph needs no change to use them. The kernel modules
-(``triton_quantize_per_token``, ``triton_linear_w8a8``, ``triton_linear_w4a16``) are imported
-on the first CUDA call.
+``qcompile::quantize_per_token``, ``qcompile::linear_w8a8``, ``qcompile::linear_w4a16`` and
+``qcompile::hadamard``, and ``qcompile::linear_w4a8`` / ``linear_w4a4``
+(``torch.library.register_kernel(..., "cuda", ...)``): CPU calls keep
+their CPU paths, CUDA calls take the Triton kernels, and a graph needs no change to use them.
+The kernel modules (``triton_quantize_per_token``, ``triton_linear_w8a8``,
+``triton_linear_w4a16``, ``triton_hadamard``, ``triton_linear_w4ax``) are imported on the
+first CUDA call.
 
 ``QCOMPILE_TRITON=0`` in the environment (read on every call) sends CUDA calls to the
 pure-torch references instead, which is how the ops ran on CUDA before: for comparison and as
@@ -26,7 +28,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from qcompile.kernels.hadamard import hadamard_reference
 from qcompile.kernels.linear_w4a16 import linear_w4a16_reference
+from qcompile.kernels.linear_w4ax import W4AX_INT32_MAX_GROUP, linear_w4ax_reference
 from qcompile.kernels.linear_w8a8 import INT_MM_MAX_K, linear_w8a8_reference
 from qcompile.kernels.quantize_per_token import quantize_per_token_reference
 
@@ -158,10 +162,34 @@ def _linear_w4a16_cuda(x, qweight, scales, zeros, bias, group_size):
     return triton_linear_w4a16(x, qweight, scales, zeros, bias, group_size)
 
 
+def _hadamard_cuda(x, small, signs, block):
+    if not triton_path_enabled() or x.dtype == torch.float64:  # float64: exact checks, not speed
+        return hadamard_reference(x, small, signs, block)
+    from qcompile.kernels.triton_hadamard import triton_hadamard
+
+    return triton_hadamard(x, small, signs, block)
+
+
+def _linear_w4ax_cuda(act_bits):
+    def implementation(x, qweight, scales, zeros, bias, smooth, group_size):
+        # Beyond W4AX_INT32_MAX_GROUP a group's int32 accumulator could overflow; the
+        # reference accumulates exactly in float64.
+        if not triton_path_enabled() or group_size > W4AX_INT32_MAX_GROUP:
+            return linear_w4ax_reference(act_bits, x, qweight, scales, zeros, bias, smooth, group_size)
+        from qcompile.kernels.triton_linear_w4ax import triton_linear_w4ax
+
+        return triton_linear_w4ax(act_bits, x, qweight, scales, zeros, bias, smooth, group_size)
+
+    return implementation
+
+
 CUDA_IMPLEMENTATIONS = {
     "qcompile::quantize_per_token": _quantize_per_token_cuda,
     "qcompile::linear_w8a8": _linear_w8a8_cuda,
     "qcompile::linear_w4a16": _linear_w4a16_cuda,
+    "qcompile::linear_w4a8": _linear_w4ax_cuda(8),
+    "qcompile::linear_w4a4": _linear_w4ax_cuda(4),
+    "qcompile::hadamard": _hadamard_cuda,
 }
 
 

@@ -2,6 +2,9 @@
 
 * ``aten.linear(x, W, b)`` with ``meta['qcompile.qweight']`` (weight-only) becomes
   ``qcompile.linear_w{bits}a16(x, qweight, scales, zeros, b, group_size)``;
+* with ``meta['qcompile.qweight']`` and ``meta['qcompile.act_bits']`` (8 or 4: a 4-bit
+  weight with quantized activations) it becomes ``qcompile.linear_w4a{8,4}(x, qweight,
+  scales, zeros, b, smooth, group_size)``;
 * with ``meta['qcompile.act_quant']`` it becomes ``qcompile.linear_w8a8(x, qweight,
   wscales, b, smooth, act_scale)`` or ``qcompile.linear_fp8(x, qweight, wscales, b,
   smooth)``. When x is an online-smoothing multiply ``x0 * (1/s)`` inserted by
@@ -17,6 +20,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from qcompile.graph_utils import (
+    ACT_BITS_META,
     ACTQ_META,
     QWEIGHT_META,
     SMOOTHING_META,
@@ -24,7 +28,7 @@ from qcompile.graph_utils import (
     eliminate_dead_constants,
     infer_meta,
 )
-from qcompile.kernels import ACTIVATION_QUANT_LINEAR_OPS, WEIGHT_ONLY_LINEAR_OPS
+from qcompile.kernels import ACTIVATION_QUANT_LINEAR_OPS, W4_ACT_QUANT_LINEAR_OPS, WEIGHT_ONLY_LINEAR_OPS
 from qcompile.pipeline import GraphPass, PassContext, PassResult
 
 
@@ -45,6 +49,15 @@ def _weight_only_call(gm: fx.GraphModule, node: fx.Node, x, bias, source: str):
     c = _constants(gm, node, source, {f"q{qw.bits}": qw.qweight, "scales": qw.scales, "zeros": qw.zeros})
     args = (x, c[f"q{qw.bits}"], c["scales"], c["zeros"], bias, qw.group_size)
     return WEIGHT_ONLY_LINEAR_OPS[qw.bits], args
+
+
+def _w4_act_quant_call(gm: fx.GraphModule, node: fx.Node, x, bias, source: str, cache: dict):
+    qw = node.meta[QWEIGHT_META]
+    act_bits = node.meta[ACT_BITS_META]
+    x, smooth = _smoothing_input(gm, x, node, cache)
+    c = _constants(gm, node, source, {"q4": qw.qweight, "scales": qw.scales, "zeros": qw.zeros})
+    args = (x, c["q4"], c["scales"], c["zeros"], bias, smooth, qw.group_size)
+    return W4_ACT_QUANT_LINEAR_OPS[act_bits], args
 
 
 def _smoothing_input(gm: fx.GraphModule, x, node: fx.Node, cache: dict) -> tuple:
@@ -71,6 +84,8 @@ def _lower(gm: fx.GraphModule, node: fx.Node, cache: dict) -> fx.Node:
     source = weight.meta.get("qcompile.source") or node.name
     if ACTQ_META in node.meta:
         op, args = _act_quant_call(gm, node, x, bias, source, cache)
+    elif ACT_BITS_META in node.meta:
+        op, args = _w4_act_quant_call(gm, node, x, bias, source, cache)
     else:
         op, args = _weight_only_call(gm, node, x, bias, source)
     with gm.graph.inserting_before(node):

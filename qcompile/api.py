@@ -10,6 +10,7 @@ import torch.fx as fx
 
 from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.fold_smoothing import fold_smoothing
+from qcompile.passes.insert_rotations import insert_rotations
 from qcompile.passes.lower_to_kernels import lower_to_kernels
 from qcompile.passes.quantize_weights import quantize_weights
 
@@ -51,7 +52,8 @@ class QuantizedModel(torch.nn.Module):
 def build_pipeline(recipe: Recipe) -> list:
     """The passes a recipe runs, in order."""
     smoothing = [fold_smoothing] if recipe.smooth != "off" else []
-    return [canonicalize, *smoothing, quantize_weights, lower_to_kernels]
+    rotations = [insert_rotations] if recipe.rotate != "off" else []
+    return [canonicalize, *smoothing, *rotations, quantize_weights, lower_to_kernels]
 
 
 def quantize_graph(

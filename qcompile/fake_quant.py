@@ -44,12 +44,14 @@ def weight_fake_quant(recipe: Recipe, in_features: int, *, clip: bool = False) -
     group, _ = weight_group_size(recipe, in_features)
     ratios = recipe.clip_ratios if clip and recipe.clip_ratios else None
     return lambda w: dequantize_weight(
-        quantize_weight_rtn(w, recipe.weight_bits, group, recipe.symmetric, clip_ratios=ratios)
+        quantize_weight_rtn(w, recipe.weight_storage_bits, group, recipe.symmetric, clip_ratios=ratios,
+                            grid_bits=recipe.weight_bits)
     )
 
 
 def activation_fake_quant(recipe: Recipe, static_absmax: Optional[torch.Tensor] = None) -> Optional[FakeQuant]:
-    """``X -> dequantize(quantize(X))`` for the recipe's activations; None for 16-bit ones.
+    """``X -> dequantize(quantize(X))`` for the recipe's activations (per-token int8 / int4 /
+    fp8, or static int8); None for 16-bit ones.
 
     Static INT8 needs ``static_absmax`` (the calibration abs-max of the tensor); without
     it the sample's own abs-max is used.
@@ -63,4 +65,5 @@ def activation_fake_quant(recipe: Recipe, static_absmax: Optional[torch.Tensor] 
             absmax = static_absmax if static_absmax is not None else x.abs().amax()
             return dequantize_activation(*quantize_activation_static(x, absmax / 127.0))
         return static
-    return lambda x: dequantize_activation(*quantize_activation_per_token(x, None, 8, "int"))
+    bits = recipe.activation_bits
+    return lambda x: dequantize_activation(*quantize_activation_per_token(x, None, bits, "int"))

@@ -18,8 +18,17 @@ aten = torch.ops.aten
 QWEIGHT_META = "qcompile.qweight"
 # node.meta key of the ActQuantWeight that quantize_weights attaches to a W8A8 / FP8 linear
 ACTQ_META = "qcompile.act_quant"
+# node.meta key of the activation bits (8 or 4) of a linear whose 4-bit QuantizedWeight
+# meets quantized activations (lowered to qcompile::linear_w4a8 / linear_w4a4)
+ACT_BITS_META = "qcompile.act_bits"
 # node.meta key of the smoothing scale s on an online-smoothing multiply (x * (1/s))
 SMOOTHING_META = "qcompile.smoothing"
+# node.meta key of a rotated linear's rotation (a qcompile.hadamard.RotationPlan description)
+ROTATION_META = "qcompile.rotation"
+# node.meta key, on a get_attr node, of the float64 value a constant stands for when it was
+# rounded to the model's precision by a function-preserving rewrite (a rotated weight W Q):
+# the pass manager's float64 check uses it, then drops it (see qcompile.verify)
+EXACT_META = "qcompile.exact"
 
 # Ops that only reinterpret a 2-D constant as its transpose.
 _TRANSPOSE_OPS = (aten.t.default, aten.permute.default, aten.transpose.int, aten.numpy_T.default)
@@ -65,12 +74,23 @@ def _attr_name(gm: fx.GraphModule, hint: str) -> str:
     return name
 
 
-def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, hint: str, *, before: fx.Node) -> fx.Node:
-    """Register ``tensor`` on ``gm`` as a buffer and insert a ``get_attr`` node for it."""
+def add_constant(
+    gm: fx.GraphModule, tensor: torch.Tensor, hint: str, *, before: fx.Node, exact: torch.Tensor | None = None
+) -> fx.Node:
+    """Register ``tensor`` on ``gm`` as a buffer and insert a ``get_attr`` node for it.
+
+    ``exact``: the float64 value ``tensor`` rounds (same shape), when a function-preserving
+    pass computed the constant in float64 and stored it at the model's precision; kept in
+    ``meta[EXACT_META]`` for the pass manager's float64 check only.
+    """
     name = _attr_name(gm, hint)
     gm.register_buffer(name, tensor, persistent=True)
     with gm.graph.inserting_before(before):
         node = gm.graph.get_attr(name)
+    if exact is not None:
+        if tuple(exact.shape) != tuple(tensor.shape):
+            raise ValueError(f"exact value of {name!r} has shape {tuple(exact.shape)}, the constant {tuple(tensor.shape)}")
+        node.meta[EXACT_META] = exact.detach().to(torch.float64)
     fake_mode = graph_fake_mode(gm)
     if fake_mode is not None:
         node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)

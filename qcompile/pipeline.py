@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import torch.fx as fx
 
 from .errors import VerificationError
 from .recipe import Recipe
-from .verify import check_equivalence, check_structure
+from .verify import check_equivalence, check_structure, drop_exact_values, has_exact_values
 
 
 @dataclass
@@ -66,8 +67,28 @@ class PassContext:
     progress: bool = True
 
     def check_inputs(self) -> list[list[Any]]:
-        """The inputs the float64 check runs on: the example plus up to two calibration batches."""
-        return [self.example_inputs, *self.calibration[:2]]
+        """The inputs the float64 check runs on: the example plus up to two calibration
+        batches (a batch equal to the example, as when the example is the first calibration
+        batch, is checked once)."""
+        sets = [self.example_inputs]
+        for batch in self.calibration[:2]:
+            if not any(_same_inputs(batch, other) for other in sets):
+                sets.append(batch)
+        return sets
+
+
+def _same_inputs(a: list[Any], b: list[Any]) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor):
+            if x is not y and (x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x, y)):
+                return False
+        elif x is not y and x != y:
+            return False
+    return True
 
 
 def _count_nodes(gm: fx.GraphModule) -> int:
@@ -80,8 +101,10 @@ def run_passes(gm: fx.GraphModule, passes: list[GraphPass], ctx: PassContext) ->
     if dump_dir is not None:
         dump_dir.mkdir(parents=True, exist_ok=True)
         _dump(dump_dir / "00_captured.txt", gm)
+    reference = None  # float64 outputs of the current graph on ctx.check_inputs(), when known
     for index, graph_pass in enumerate(passes, start=1):
-        before = copy.deepcopy(gm) if (ctx.verify and graph_pass.preserves_function) else None
+        check_function = ctx.verify and graph_pass.preserves_function
+        before = copy.deepcopy(gm) if (check_function and reference is None) else None
         nodes_before = _count_nodes(gm)
         start = time.perf_counter()
         result = graph_pass.run(gm, ctx)
@@ -92,11 +115,15 @@ def run_passes(gm: fx.GraphModule, passes: list[GraphPass], ctx: PassContext) ->
             try:
                 check_structure(gm)
                 verified = "structure"
-                if before is not None:
-                    check_equivalence(before, gm, ctx.check_inputs())
+                if check_function:
+                    outputs = check_equivalence(before, gm, ctx.check_inputs(), reference=reference)
                     verified = "structure+float64"
             except VerificationError as exc:
                 raise VerificationError(f"pass {graph_pass.name!r} failed verification: {exc}") from exc
+        # The next function-preserving pass starts from this graph: its float64 outputs are
+        # known, unless constants stood for exact values that are now forgotten.
+        reference = outputs if check_function and not has_exact_values(gm) else None
+        drop_exact_values(gm)
         ctx.pass_log.append(
             PassRecord(graph_pass.name, seconds, nodes_before, _count_nodes(gm), result.modified, verified)
         )

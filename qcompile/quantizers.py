@@ -16,6 +16,15 @@ Storage conventions (see :class:`QuantizedWeight`):
   Symmetric 4-bit uses zero point 8; :func:`quantize_weight_rtn` always stores the zero
   points of 4-bit weights explicitly, and ``zeros is None`` on a 4-bit weight means
   zero point 8 (the midpoint of the code range, as ONNX Runtime's MatMulNBits assumes).
+* 3-bit grids (``grid_bits=3``) live in the 4-bit container: codes 0..7 (asymmetric) or
+  1..7 around the zero point 4 (symmetric), packed like 4-bit codes, with explicit zero
+  points; ``QuantizedWeight.bits`` stays 4, so every 4-bit kernel and exporter reads them
+  unchanged (they store no more than 4-bit weights do; the gain is accuracy per level
+  count, not size).
+
+A grid (scales, zero points and the code range, :class:`WeightGrid`) can also be chosen
+on its own (:func:`weight_grid`) and weights rounded onto it by another algorithm (GPTQ,
+``qcompile.gptq``), then packed with :func:`quantized_weight_from_codes`.
 """
 from __future__ import annotations
 
@@ -25,7 +34,12 @@ import torch
 
 __all__ = [
     "QuantizedWeight",
+    "WeightGrid",
     "quantize_weight_rtn",
+    "weight_grid",
+    "round_to_grid",
+    "quantized_weight_from_codes",
+    "grid_storage_bits",
     "dequantize_weight",
     "dequantize_codes",
     "check_quantized_layout",
@@ -35,6 +49,9 @@ __all__ = [
 ]
 
 SUPPORTED_BITS = (4, 8)
+# The grids each container holds: 8-bit codes are 8-bit grids; the 4-bit container holds
+# 4-bit and 3-bit grids.
+GRID_BITS = {8: (8,), 4: (4, 3)}
 INT4_DEFAULT_ZERO_POINT = 8
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # A scale below the smallest normal float32 cannot represent its group (w / scale would
@@ -155,12 +172,13 @@ def quantize_weight_rtn(
     symmetric: bool = True,
     clip_ratios: tuple[float, ...] | None = None,
     importance: torch.Tensor | None = None,
+    grid_bits: int | None = None,
 ) -> QuantizedWeight:
     """Quantize ``w [N, K]`` by rounding to the nearest grid point, per group of K.
 
     Args:
         w: floating-point weight ``[out_features, in_features]``; computed in float32.
-        bits: 8 or 4.
+        bits: 8 or 4: the storage container (``QuantizedWeight.bits``).
         group_size: input channels sharing one scale; must divide K. ``None`` means one
             group per row (per-channel). A caller that wants a fallback for a group size
             that does not divide K must pass ``None`` itself.
@@ -178,16 +196,115 @@ def quantize_weight_rtn(
             over calibration inputs this is the expected squared *output* error of the
             group under a diagonal approximation of ``E[x xᵀ]`` (AWQ's output-aware
             clipping, without its cost); None weighs all channels equally.
+        grid_bits: the grid's bit width when narrower than the container: 3 with
+            ``bits=4`` is a 3-bit grid (asymmetric: ``7`` steps, codes 0..7; symmetric:
+            scale ``absmax / 3``, codes 1..7 around zero point 4) stored as 4-bit codes.
+            None means ``bits`` (results for 4- and 8-bit grids are unchanged by it).
 
     Every element is reproduced to within half its group's scale. A group whose scale would
     be below the smallest normal float32 (all zeros, say) gets scale 1.0 and dequantizes to
     exactly 0. Raises ValueError for non-finite weights, a group size that does not divide
     K, or unsupported bits; TypeError for a non-floating weight.
     """
+    codes, grid = _rtn(w, bits, group_size, symmetric, clip_ratios, importance, grid_bits)
+    return quantized_weight_from_codes(codes.reshape(grid.out_features, grid.in_features), grid)
+
+
+@dataclass(frozen=True, eq=False)
+class WeightGrid:
+    """The quantization grid of one weight ``[N, K]``: per group a scale and a zero point.
+
+    An element ``w`` of group ``g`` of row ``n`` rounds to the stored code
+    ``clamp(round(w / scales[n, g]) + zeros[n, g], code_min, code_max)`` and dequantizes to
+    ``(code - zeros[n, g]) * scales[n, g]`` (:func:`round_to_grid`). Codes and zero points
+    are in the stored code space of :class:`QuantizedWeight` (shifted by -128 for
+    asymmetric 8-bit). ``zeros is None`` only for symmetric 8-bit (zero point 0).
+    """
+
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    code_min: int
+    code_max: int
+    bits: int
+    grid_bits: int
+    group_size: int
+    in_features: int
+    symmetric: bool
+
+    @property
+    def out_features(self) -> int:
+        return self.scales.shape[0]
+
+    @property
+    def zero_points(self) -> torch.Tensor:
+        """``zeros``, with symmetric 8-bit's implicit 0 as a tensor ``[N, G]``."""
+        return torch.zeros_like(self.scales) if self.zeros is None else self.zeros
+
+
+def grid_storage_bits(grid_bits: int) -> int:
+    """The container (``QuantizedWeight.bits``) of a grid of ``grid_bits``: 8 for 8, else 4."""
+    for bits, grids in GRID_BITS.items():
+        if grid_bits in grids:
+            return bits
+    raise ValueError(f"weight grids have {sorted(g for gs in GRID_BITS.values() for g in gs)} bits, got {grid_bits!r}")
+
+
+def weight_grid(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int | None = None,
+    symmetric: bool = True,
+    *,
+    clip_ratios: tuple[float, ...] | None = None,
+    importance: torch.Tensor | None = None,
+    grid_bits: int | None = None,
+) -> WeightGrid:
+    """The grid :func:`quantize_weight_rtn` would round ``w`` onto (same arguments)."""
+    _, grid = _rtn(w, bits, group_size, symmetric, clip_ratios, importance, grid_bits)
+    return grid
+
+
+def round_to_grid(
+    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, code_min: int, code_max: int
+) -> torch.Tensor:
+    """Codes ``clamp(round(w / scales) + zeros, code_min, code_max)``, in ``w``'s dtype.
+
+    ``scales`` and ``zeros`` broadcast against ``w`` (e.g. one column of a grid against one
+    column of weights); computed in ``w``'s dtype (float64 makes the division exact to
+    within one rounding of the quotient).
+    """
+    return torch.clamp(torch.round(w / scales.to(w.dtype)) + zeros.to(w.dtype), code_min, code_max)
+
+
+def quantized_weight_from_codes(codes: torch.Tensor, grid: WeightGrid) -> QuantizedWeight:
+    """Pack integer-valued codes ``[N, K]`` (stored code space, within the grid's code range)
+    with their grid into a :class:`QuantizedWeight`."""
+    n, k = grid.out_features, grid.in_features
+    if tuple(codes.shape) != (n, k):
+        raise ValueError(f"codes must have shape [{n}, {k}] like the grid, got {tuple(codes.shape)}")
+    if codes.numel() and (float(codes.min()) < grid.code_min or float(codes.max()) > grid.code_max):
+        raise ValueError(
+            f"codes must lie in [{grid.code_min}, {grid.code_max}], got [{float(codes.min())}, {float(codes.max())}]"
+        )
+    if grid.bits == 8:
+        qweight = codes.to(torch.int8)
+    else:
+        qweight = pack_int4(codes.to(torch.uint8))
+    return QuantizedWeight(
+        qweight=qweight, scales=grid.scales, zeros=grid.zeros, bits=grid.bits, group_size=grid.group_size,
+        in_features=k, out_features=n, symmetric=grid.symmetric,
+    )
+
+
+def _rtn(w, bits, group_size, symmetric, clip_ratios, importance, grid_bits) -> tuple[torch.Tensor, WeightGrid]:
+    """RTN codes ``[N, G, g]`` and their grid (the work of :func:`quantize_weight_rtn`)."""
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    grid_bits = bits if grid_bits is None else grid_bits
+    if grid_bits not in GRID_BITS[bits]:
+        raise ValueError(f"a {bits}-bit container holds grids of {GRID_BITS[bits]} bits, got grid_bits={grid_bits!r}")
     w32 = _as_float32_matrix(w)
     n, k = w32.shape
     group_size = k if group_size is None else group_size
@@ -199,16 +316,25 @@ def quantize_weight_rtn(
         if imp.numel() != k or not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
             raise ValueError(f"importance must be {k} finite non-negative values, got shape {tuple(importance.shape)}")
         weight = imp.reshape(1, k // group_size, group_size)
-    codes, scales, zeros = _quantize_groups(groups, bits, symmetric, _check_clip_ratios(clip_ratios), weight)
-    codes = codes.reshape(n, k)
-    if bits == 8:
-        qweight = codes.to(torch.int8)
-    else:
-        qweight = pack_int4(codes.to(torch.uint8))
-    return QuantizedWeight(
-        qweight=qweight, scales=scales, zeros=zeros, bits=bits, group_size=group_size,
-        in_features=k, out_features=n, symmetric=symmetric,
-    )
+    codes, scales, zeros = _quantize_groups(groups, bits, grid_bits, symmetric, _check_clip_ratios(clip_ratios), weight)
+    code_min, code_max = _code_range(bits, grid_bits, symmetric)
+    grid = WeightGrid(scales=scales, zeros=zeros, code_min=code_min, code_max=code_max, bits=bits,
+                      grid_bits=grid_bits, group_size=group_size, in_features=k, symmetric=symmetric)
+    return codes, grid
+
+
+def _symmetric_zero_point(bits: int, grid_bits: int) -> int:
+    """Zero point of symmetric grids in stored code space: 0 for int8, mid-range for unsigned 4-bit."""
+    return 0 if bits == 8 else 2 ** (grid_bits - 1)
+
+
+def _code_range(bits: int, grid_bits: int, symmetric: bool) -> tuple[int, int]:
+    if symmetric:
+        qmax = 2 ** (grid_bits - 1) - 1
+        zero = _symmetric_zero_point(bits, grid_bits)
+        return zero - qmax, zero + qmax
+    shift = 2 ** (bits - 1) if bits == 8 else 0
+    return -shift, 2**grid_bits - 1 - shift
 
 
 def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -319,14 +445,14 @@ def _check_clip_ratios(clip_ratios: tuple[float, ...] | None) -> tuple[float, ..
     return ratios
 
 
-def _quantize_groups(groups: torch.Tensor, bits: int, symmetric: bool, ratios: tuple[float, ...],
+def _quantize_groups(groups: torch.Tensor, bits: int, grid_bits: int, symmetric: bool, ratios: tuple[float, ...],
                      weight: torch.Tensor | None = None):
     """Quantize groups [N, G, g] with each range ratio; keep, per group, the least (weighted) squared error."""
     quantize = _quantize_symmetric if symmetric else _quantize_asymmetric
     best = None
     best_err = None
     for ratio in ratios:
-        codes, scales, zeros = quantize(groups, bits, ratio)
+        codes, scales, zeros = quantize(groups, bits, grid_bits, ratio)
         if len(ratios) == 1:
             return codes, scales, zeros
         offset = zeros if zeros is not None else torch.zeros_like(scales)
@@ -344,20 +470,21 @@ def _quantize_groups(groups: torch.Tensor, bits: int, symmetric: bool, ratios: t
     return best[0], best[1], best[2]
 
 
-def _quantize_symmetric(groups: torch.Tensor, bits: int, ratio: float = 1.0):
+def _quantize_symmetric(groups: torch.Tensor, bits: int, grid_bits: int, ratio: float = 1.0):
     """groups [N, G, g] -> (codes [N, G, g] in stored space, scales [N, G], zeros or None)."""
-    qmax = 2 ** (bits - 1) - 1
+    qmax = 2 ** (grid_bits - 1) - 1
     scales = _usable_scale(groups.abs().amax(dim=-1) * ratio / qmax)
     q = torch.clamp(torch.round(groups / scales.unsqueeze(-1)), -qmax, qmax)
     if bits == 8:
         return q, scales, None
-    zeros = torch.full_like(scales, INT4_DEFAULT_ZERO_POINT)
-    return q + INT4_DEFAULT_ZERO_POINT, scales, zeros
+    zero = _symmetric_zero_point(bits, grid_bits)  # INT4_DEFAULT_ZERO_POINT for 4-bit grids
+    zeros = torch.full_like(scales, zero)
+    return q + zero, scales, zeros
 
 
-def _quantize_asymmetric(groups: torch.Tensor, bits: int, ratio: float = 1.0):
+def _quantize_asymmetric(groups: torch.Tensor, bits: int, grid_bits: int, ratio: float = 1.0):
     """groups [N, G, g] -> (codes [N, G, g] in stored space, scales [N, G], zeros [N, G])."""
-    levels = 2**bits - 1
+    levels = 2**grid_bits - 1
     lo = groups.amin(dim=-1).clamp(max=0.0) * ratio
     hi = groups.amax(dim=-1).clamp(min=0.0) * ratio
     # hi / levels - lo / levels rather than (hi - lo) / levels: hi - lo can overflow float32.

@@ -8,12 +8,13 @@ from typing import Any
 
 from .errors import RecipeError
 
-_WEIGHT_BITS = (4, 8)
-_ACTIVATION_BITS = (16, 8)
+_WEIGHT_BITS = (3, 4, 8)
+_ACTIVATION_BITS = (16, 8, 4)
 _ACTIVATION_FORMATS = ("int", "fp8")
 _ACTIVATION_SCALES = ("dynamic", "static")
 _SMOOTH = ("off", "alpha", "search")
-_METHODS = ("rtn",)
+_ROTATE = ("off", "input")
+_METHODS = ("rtn", "gptq")
 
 
 @dataclass(frozen=True)
@@ -22,16 +23,19 @@ class Recipe:
 
     Attributes:
         name: a label for reports.
-        weight_bits: 8 or 4 (INT8 weights, or INT4 packed two per byte).
+        weight_bits: 8, 4 or 3 (INT8 weights; INT4 packed two per byte; a 3-bit grid, codes
+            0..7, stored in the same packed 4-bit container, so it runs on the 4-bit kernels
+            and exports like INT4 — no smaller, but 3-bit-accurate for comparisons).
         group_size: weights share one scale per ``group_size`` input channels; ``None``
             means one scale per output channel. A layer whose in-features the group size
             does not divide falls back to per-channel, and the report says so.
         symmetric: symmetric (zero point fixed) or asymmetric (per-group zero point) grid.
         activation_bits: 16 — activations stay in 16-bit floating point (the fast CPU
             kernels compute in bfloat16); 8 — activations are quantized per token inside
-            each linear (``qcompile::linear_w8a8`` / ``linear_fp8``), which needs 8-bit
-            symmetric per-channel weights (``weight_bits=8, group_size=None,
-            symmetric=True``).
+            each linear: with 8-bit weights (``qcompile::linear_w8a8`` / ``linear_fp8``)
+            these must be symmetric per-channel (``group_size=None, symmetric=True``); with
+            4-bit (or 3-bit) group-wise weights, ``qcompile::linear_w4a8``; 4 — per-token
+            INT4 activations with 4-bit (or 3-bit) weights, ``qcompile::linear_w4a4``.
         activation_format: with 8-bit activations: ``"int"`` (INT8 weights and activations,
             int32 accumulation) or ``"fp8"`` (float8 e4m3 weights and activations).
         activation_scale: with INT8 activations: ``"dynamic"`` (one scale per token,
@@ -47,7 +51,29 @@ class Recipe:
             (an explicit per-channel multiply that the activation-quantizing op absorbs;
             with 16-bit activations it stays a multiply) instead of leaving the group
             unsmoothed.
-        method: weight rounding, ``"rtn"`` (round to nearest).
+        rotate: Hadamard rotations (QuaRot-style; ``passes/insert_rotations.py``):
+            ``"off"``, or ``"input"`` — every activation that quantized linears read is
+            rotated online (``qcompile::hadamard``) and their weights are rotated to match
+            (``(X Q)(W Q)ᵀ = X Wᵀ``), which spreads outlier channels before quantization.
+        rotation_seed: seed of the rotations' random signs.
+        method: weight rounding, ``"rtn"`` (round to nearest) or ``"gptq"`` (GPTQ: columns
+            rounded one at a time, each one's error compensated on the columns not yet
+            rounded through the inverse Hessian of the layer's calibration inputs,
+            ``H = Σ x xᵀ``; see ``qcompile.gptq``). GPTQ needs calibration data. With
+            ``clip_ratios`` the group grids are range-searched first (weighted by diag H
+            when ``clip_objective="output"``).
+        gptq_damp: GPTQ's dampening, added to the Hessian's diagonal as a fraction of its
+            mean; raised tenfold (with a warning) while the Cholesky factorization fails.
+        gptq_act_order: GPTQ rounds columns in order of decreasing ``H_ii`` (activation
+            order) instead of column order.
+        gptq_static_groups: with activation order and groups: ``True`` — every group's grid
+            is fixed from the weight before rounding and columns are visited in global
+            activation order; ``False`` — groups are visited in order of decreasing
+            ``Σ H_ii``, the columns of a group together (by ``H_ii``), and each group's grid
+            is chosen from the compensated weights when reached. Without activation order
+            grids are always chosen as reached (standard GPTQ).
+        gptq_block_size: columns per lazy batch update (speed only; results agree to
+            rounding error).
         clip_ratios: weight range search: per group, shrink the grid's range by each ratio
             and keep the one with the least squared rounding error (still round-to-nearest;
             ``()`` = plain min/max). The w4a16 preset searches ``CLIP_SEARCH``.
@@ -71,7 +97,13 @@ class Recipe:
     smooth_alpha: float = 0.5
     smooth_alphas: tuple[float, ...] = ()
     smooth_online: bool = True
+    rotate: str = "off"
+    rotation_seed: int = 0
     method: str = "rtn"
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = True
+    gptq_static_groups: bool = True
+    gptq_block_size: int = 128
     clip_ratios: tuple[float, ...] = ()
     clip_objective: str = "output"
     keep_float: tuple[str, ...] = ()
@@ -84,12 +116,15 @@ class Recipe:
             not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 2
         ):
             raise RecipeError(f"group_size must be an integer >= 2 or None (per-channel), got {self.group_size!r}")
-        if self.group_size is not None and self.weight_bits == 4 and self.group_size % 2:
-            raise RecipeError(f"4-bit groups must hold an even number of channels, got group_size={self.group_size}")
+        if self.group_size is not None and self.weight_bits in (3, 4) and self.group_size % 2:
+            raise RecipeError(
+                f"{self.weight_bits}-bit groups (packed two per byte) must hold an even number of channels, "
+                f"got group_size={self.group_size}"
+            )
         self._check_activations()
         self._check_smoothing()
-        if self.method not in _METHODS:
-            raise RecipeError(f"method must be one of {_METHODS}, got {self.method!r}")
+        self._check_rotation()
+        self._check_method()
         if not isinstance(self.symmetric, bool):
             raise RecipeError(f"symmetric must be True or False, got {self.symmetric!r}")
         if isinstance(self.clip_ratios, (str, bytes)) or not all(
@@ -119,16 +154,50 @@ class Recipe:
                     f"this recipe has activation_bits=16 (set activation_bits=8 to quantize activations)"
                 )
             return
-        if self.weight_bits != 8 or self.group_size is not None or not self.symmetric:
+        if self.weight_bits in (3, 4):
+            # qcompile::linear_w4a8 / linear_w4a4: 4-bit (or 3-bit) group-wise weights,
+            # dynamic per-token integer activations
+            if self.activation_format != "int" or self.activation_scale != "dynamic":
+                raise RecipeError(
+                    f"{self.weight_bits}-bit weights with {self.activation_bits}-bit activations need dynamic per-token "
+                    f'integer activations (activation_format="int", activation_scale="dynamic"); got '
+                    f"{self.activation_format!r} / {self.activation_scale!r}"
+                )
+            return
+        if self.activation_bits == 4:
+            raise RecipeError(f"4-bit activations need 4-bit (or 3-bit) weights, got weight_bits={self.weight_bits}")
+        if self.group_size is not None or not self.symmetric:
             raise RecipeError(
-                "8-bit activations need 8-bit symmetric per-channel weights (weight_bits=8, group_size=None, "
-                f"symmetric=True); got weight_bits={self.weight_bits}, group_size={self.group_size}, "
-                f"symmetric={self.symmetric}"
+                "8-bit activations with 8-bit weights need symmetric per-channel weights (group_size=None, "
+                f"symmetric=True); got group_size={self.group_size}, symmetric={self.symmetric}"
             )
         if self.activation_format == "fp8" and self.activation_scale != "dynamic":
             raise RecipeError('fp8 activations are scaled per token: activation_scale must be "dynamic"')
         if self.activation_format == "fp8" and self.clip_ratios:
             raise RecipeError("clip_ratios (range search) applies to integer weights, not fp8")
+
+    def _check_method(self) -> None:
+        if self.method not in _METHODS:
+            raise RecipeError(f"method must be one of {_METHODS}, got {self.method!r}")
+        if isinstance(self.gptq_damp, bool) or not isinstance(self.gptq_damp, (int, float)) or not (
+            0.0 < self.gptq_damp <= 1.0
+        ):
+            raise RecipeError(f"gptq_damp must be a number in (0, 1] (a fraction of mean diag H), got {self.gptq_damp!r}")
+        object.__setattr__(self, "gptq_damp", float(self.gptq_damp))
+        if not isinstance(self.gptq_act_order, bool):
+            raise RecipeError(f"gptq_act_order must be True or False, got {self.gptq_act_order!r}")
+        if not isinstance(self.gptq_static_groups, bool):
+            raise RecipeError(f"gptq_static_groups must be True or False, got {self.gptq_static_groups!r}")
+        if isinstance(self.gptq_block_size, bool) or not isinstance(self.gptq_block_size, int) or self.gptq_block_size < 1:
+            raise RecipeError(f"gptq_block_size must be a positive integer, got {self.gptq_block_size!r}")
+        if self.method == "gptq" and self.activation_bits == 8 and self.activation_format == "fp8":
+            raise RecipeError('method="gptq" rounds integer weights; fp8 weights are cast, not rounded: use method="rtn"')
+
+    def _check_rotation(self) -> None:
+        if self.rotate not in _ROTATE:
+            raise RecipeError(f"rotate must be one of {_ROTATE}, got {self.rotate!r}")
+        if isinstance(self.rotation_seed, bool) or not isinstance(self.rotation_seed, int) or self.rotation_seed < 0:
+            raise RecipeError(f"rotation_seed must be a non-negative integer, got {self.rotation_seed!r}")
 
     def _check_smoothing(self) -> None:
         if self.smooth not in _SMOOTH:
@@ -155,6 +224,8 @@ class Recipe:
             reasons.append(f'smooth="{self.smooth}" computes scales from activation statistics')
         if self.activation_bits == 8 and self.activation_scale == "static":
             reasons.append("static activation scales come from calibration")
+        if self.method == "gptq":
+            reasons.append('method="gptq" needs the Hessian (Σ x xᵀ) of every linear\'s inputs')
         return "; ".join(reasons)
 
     def float_reason(self, layer: str, in_features: int) -> str:
@@ -176,6 +247,11 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
     @property
+    def weight_storage_bits(self) -> int:
+        """Bits of the weight container: 3-bit grids are stored as 4-bit codes."""
+        return 4 if self.weight_bits == 3 else self.weight_bits
+
+    @property
     def weight_format(self) -> str:
         if self.activation_bits == 8 and self.activation_format == "fp8":
             return "fp8"
@@ -190,6 +266,9 @@ SMOOTH_SEARCH = tuple(round(0.1 * i, 1) for i in range(11))
 PRESETS: dict[str, Recipe] = {
     "w8a16": Recipe(name="w8a16", weight_bits=8, group_size=None, symmetric=True),
     "w4a16": Recipe(name="w4a16", weight_bits=4, group_size=128, symmetric=False, clip_ratios=CLIP_SEARCH),
+    # GPTQ, activation order, grids range-searched (weighted by diag H) before rounding
+    "w4a16-gptq": Recipe(name="w4a16-gptq", weight_bits=4, group_size=128, symmetric=False, clip_ratios=CLIP_SEARCH,
+                         method="gptq"),
     "w4a16-awq": Recipe(name="w4a16-awq", weight_bits=4, group_size=128, symmetric=False, clip_ratios=CLIP_SEARCH,
                         smooth="search"),
     # per group, the smoothing exponent (or none) with the least quantized output error: on
@@ -200,6 +279,12 @@ PRESETS: dict[str, Recipe] = {
     "w8a8-static": Recipe(name="w8a8-static", weight_bits=8, activation_bits=8, activation_scale="static",
                           smooth="search"),
     "fp8": Recipe(name="fp8", weight_bits=8, activation_bits=8, activation_format="fp8", smooth="search"),
+    # QuaRot-style: online Hadamard rotation of every quantized linear's input, GPTQ int4
+    # g128 weights, per-token int8 / int4 activations
+    "w4a8": Recipe(name="w4a8", weight_bits=4, group_size=128, symmetric=False, clip_ratios=CLIP_SEARCH,
+                   method="gptq", activation_bits=8, rotate="input"),
+    "w4a4": Recipe(name="w4a4", weight_bits=4, group_size=128, symmetric=False, clip_ratios=CLIP_SEARCH,
+                   method="gptq", activation_bits=4, rotate="input"),
 }
 
 DEFAULT_PRESET = "w8a16"

@@ -14,7 +14,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .errors import VerificationError
-from .graph_utils import get_constant
+from .graph_utils import EXACT_META, get_constant
 
 # float64 keeps rounding error near 1e-16 per op; a function-preserving rewrite that
 # re-associates a few products (e.g. folds a scale into a weight) moves results by a few
@@ -90,16 +90,23 @@ def _fold_constant_expressions(gm: fx.GraphModule) -> None:
 def to_float64(gm: fx.GraphModule) -> fx.GraphModule:
     """A float64 copy of ``gm``: constants, and dtype arguments of ops, promoted.
 
-    Expressions of constants alone are first evaluated at the model's own precision
+    A constant that a function-preserving pass rounded to the model's precision takes the
+    float64 value it stands for (``meta[EXACT_META]``, e.g. a rotated weight ``W Q``), so
+    the check sees the rewrite in exact arithmetic and not the float32 rounding of its new
+    constants (about 1e-7 relative: a separate, stated perturbation). Expressions of constants alone are first evaluated at the model's own precision
     (:func:`_fold_constant_expressions`).
     """
     gm64 = copy.deepcopy(gm)
+    exact = {n.target: n.meta[EXACT_META] for n in gm64.graph.nodes if n.op == "get_attr" and EXACT_META in n.meta}
+    for name, value in exact.items():
+        stored = get_constant(gm64, next(n for n in gm64.graph.nodes if n.op == "get_attr" and n.target == name))
+        if not torch.equal(value.to(stored.dtype), stored):
+            raise VerificationError(f"constant {name!r} is not its recorded float64 value rounded to {stored.dtype}")
+        _set_buffer(gm64, name, value)
     _fold_constant_expressions(gm64)
     for name, buf in list(gm64.named_buffers()):
-        if buf.is_floating_point():
-            module_path, _, attr = name.rpartition(".")
-            owner = gm64.get_submodule(module_path) if module_path else gm64
-            setattr(owner, attr, buf.to(torch.float64))
+        if buf.is_floating_point() and name not in exact:
+            _set_buffer(gm64, name, buf.to(torch.float64))
 
     def promote(a: Any) -> Any:
         return torch.float64 if a in _LOW_PRECISION else a
@@ -112,6 +119,22 @@ def to_float64(gm: fx.GraphModule) -> fx.GraphModule:
     return gm64
 
 
+def _set_buffer(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
+    module_path, _, attr = name.rpartition(".")
+    owner = gm.get_submodule(module_path) if module_path else gm
+    setattr(owner, attr, value)
+
+
+def has_exact_values(gm: fx.GraphModule) -> bool:
+    return any(EXACT_META in node.meta for node in gm.graph.nodes)
+
+
+def drop_exact_values(gm: fx.GraphModule) -> None:
+    """Forget the float64 values of rounded constants (``meta[EXACT_META]``) once checked."""
+    for node in gm.graph.nodes:
+        node.meta.pop(EXACT_META, None)
+
+
 def _inputs64(inputs: list[Any]) -> list[Any]:
     return [x.to(torch.float64) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs]
 
@@ -122,13 +145,26 @@ def run_float64(gm: fx.GraphModule, inputs: list[Any]) -> list[torch.Tensor]:
     return [o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
 
 
-def check_equivalence(before: fx.GraphModule, after: fx.GraphModule, input_sets: list[list[Any]]) -> None:
-    before64 = to_float64(before)
+def check_equivalence(
+    before: fx.GraphModule | None, after: fx.GraphModule, input_sets: list[list[Any]],
+    *, reference: list[list[Any]] | None = None,
+) -> list[list[Any]]:
+    """Raise VerificationError unless ``after`` computes ``before``'s outputs in float64 on
+    every input set; return ``after``'s float64 outputs (flattened, per input set).
+
+    ``reference``: ``before``'s float64 outputs on the same input sets when already known
+    (the previous check's return value), which saves running ``before`` (then None).
+    """
+    if before is None and reference is None:
+        raise ValueError("check_equivalence needs the graph before the pass or its float64 outputs")
+    before64 = to_float64(before) if reference is None else None
     after64 = to_float64(after)
+    outputs = []
     for k, inputs in enumerate(input_sets):
         with torch.no_grad():
-            ref = pytree.tree_leaves(before64(*_inputs64(inputs)))
+            ref = reference[k] if reference is not None else pytree.tree_leaves(before64(*_inputs64(inputs)))
             got = pytree.tree_leaves(after64(*_inputs64(inputs)))
+        outputs.append(got)
         if len(ref) != len(got):
             raise VerificationError(f"the graph has {len(got)} outputs, it had {len(ref)}")
         for i, (r, g) in enumerate(zip(ref, got)):
@@ -147,3 +183,4 @@ def check_equivalence(before: fx.GraphModule, after: fx.GraphModule, input_sets:
                     f"output {i} differs from the pre-pass graph by {err:.3e} (relative to its max) in float64 "
                     f"on input set {k}; a function-preserving pass must stay within {EQUIVALENCE_RTOL:g}"
                 )
+    return outputs

@@ -127,16 +127,21 @@ def test_bad_recipe_is_reported_before_capture():
 @pytest.mark.parametrize(
     "recipe, words",
     [
-        ("w3a16", ["unknown recipe 'w3a16'", "presets: fp8, w4a16, w4a16-awq, w8a16, w8a8, w8a8-static"]),
+        ("w3a16", ["unknown recipe 'w3a16'",
+                   "presets: fp8, w4a16, w4a16-awq, w4a16-gptq, w4a4, w4a8, w8a16, w8a8, w8a8-static"]),
         ({"preset": "int4"}, ["unknown recipe 'int4'"]),
-        ({"weight_bits": 3}, ["weight_bits", "(4, 8)", "got 3"]),
+        ({"weight_bits": 5}, ["weight_bits", "(3, 4, 8)", "got 5"]),
         ({"preset": "w4a16", "group_size": 0}, ["group_size", ">= 2", "got 0"]),
         ({"group_size": "x"}, ["group_size", "got 'x'"]),
         ({"group_size": 64.0}, ["group_size", "got 64.0"]),
         ({"preset": "w4a16", "group_size": 33}, ["even", "group_size=33"]),
-        ({"activation_bits": 4}, ["activation_bits", "(16, 8)", "got 4"]),
-        ({"preset": "w4a16", "activation_bits": 8}, ["8-bit activations need 8-bit symmetric per-channel weights",
-                                                     "weight_bits=4", "group_size=128"]),
+        ({"activation_bits": 2}, ["activation_bits", "(16, 8, 4)", "got 2"]),
+        ({"preset": "w8a16", "activation_bits": 8, "group_size": 128},
+         ["8-bit activations with 8-bit weights need symmetric per-channel weights", "group_size=128"]),
+        ({"activation_bits": 4}, ["4-bit activations need 4-bit (or 3-bit) weights", "weight_bits=8"]),
+        ({"preset": "w4a8", "activation_scale": "static"}, ["dynamic per-token integer activations", "'static'"]),
+        ({"rotate": "residual"}, ["rotate must be one of", "'residual'"]),
+        ({"rotation_seed": -1}, ["rotation_seed", "non-negative", "-1"]),
         ({"activation_format": "fp8"}, ["apply to 8-bit activations", "activation_bits=16"]),
         ({"preset": "fp8", "activation_scale": "static"}, ["fp8 activations are scaled per token"]),
         ({"smooth": "yes"}, ["smooth must be one of", "'yes'"]),
@@ -147,7 +152,7 @@ def test_bad_recipe_is_reported_before_capture():
         ({"clip_ratios": [1.5]}, ["clip_ratios", "(0, 1]", "1.5"]),
         ({"clip_ratios": [0.9, 0.0]}, ["clip_ratios", "(0, 1]"]),
         ({"clip_ratios": "0.9"}, ["clip_ratios", "'0.9'"]),
-        ({"method": "gptq"}, ["method", "'gptq'"]),
+        ({"method": "sgd"}, ["method", "'sgd'"]),
         ({"keep_float": "lm_head"}, ["keep_float", "tuple of glob patterns"]),
         (42, ["a recipe is a preset name, a qcompile.Recipe or a dict, got int"]),
     ],
@@ -160,7 +165,7 @@ def test_bad_recipe_raises_recipe_error(pos_quantized, recipe, words):
 
 
 def test_recipe_dataclass_validates_at_construction():
-    _raises(RecipeError, lambda: qcompile.Recipe(weight_bits=3), "weight_bits")
+    _raises(RecipeError, lambda: qcompile.Recipe(weight_bits=5), "weight_bits")
     _raises(RecipeError, lambda: qcompile.Recipe(group_size=1), "group_size")
     _raises(RecipeError, lambda: qcompile.PRESETS["w4a16"].replace(symmetric="yes"), "symmetric")
     _raises(RecipeError, lambda: qcompile.PRESETS["w8a16"].replace(bits=4), "unknown recipe field(s) ['bits']")

@@ -27,19 +27,29 @@ def test_resolve_forms():
 @pytest.mark.parametrize(
     "fields, words",
     [
-        ({"weight_bits": 3}, "weight_bits"),
+        ({"weight_bits": 5}, "weight_bits"),
+        ({"weight_bits": 2}, "weight_bits"),
         ({"group_size": 0}, "group_size"),
         ({"group_size": "128"}, "group_size"),
         ({"weight_bits": 4, "group_size": 33}, "even"),
-        ({"activation_bits": 4}, "activation_bits"),
-        ({"activation_bits": 8, "weight_bits": 4, "group_size": 128}, "8-bit activations need"),
+        ({"weight_bits": 3, "group_size": 33}, "3-bit groups"),
+        ({"activation_bits": 2}, "activation_bits"),
+        ({"activation_bits": 8, "weight_bits": 8, "group_size": 128}, "symmetric per-channel"),
         ({"activation_bits": 8, "symmetric": False}, "symmetric=False"),
         ({"activation_bits": 8, "activation_format": "fp8", "activation_scale": "static"}, "per token"),
         ({"activation_format": "fp8"}, "apply to 8-bit"),
         ({"smooth": True}, "smooth"),
         ({"smooth_alpha": -0.1}, "smooth_alpha"),
         ({"smooth_online": "yes"}, "smooth_online"),
-        ({"method": "gptq"}, "method"),
+        ({"method": "awq"}, "method"),
+        ({"method": "gptq", "gptq_damp": 0.0}, "gptq_damp"),
+        ({"gptq_damp": 1.5}, "gptq_damp"),
+        ({"gptq_damp": True}, "gptq_damp"),
+        ({"gptq_act_order": 1}, "gptq_act_order"),
+        ({"gptq_static_groups": None}, "gptq_static_groups"),
+        ({"gptq_block_size": 0}, "gptq_block_size"),
+        ({"gptq_block_size": 64.0}, "gptq_block_size"),
+        ({"method": "gptq", "weight_bits": 8, "activation_bits": 8, "activation_format": "fp8"}, "fp8"),
         ({"clip_ratios": (1.0, 1.5)}, "clip_ratios"),
         ({"keep_float": "lm_head"}, "keep_float"),
         ({"min_in_features": 0}, "min_in_features"),
@@ -71,3 +81,18 @@ def test_activation_and_smoothing_presets():
     assert "smooth" in w8a8.needs_calibration and not PRESETS["w8a16"].needs_calibration
     off = resolve_recipe({"preset": "w8a8", "smooth": "off"})
     assert off.smooth == "off" and not off.needs_calibration and off.activation_bits == 8
+
+
+def test_gptq_and_three_bit_recipes():
+    gptq = PRESETS["w4a16-gptq"]
+    assert (gptq.weight_bits, gptq.group_size, gptq.symmetric, gptq.method) == (4, 128, False, "gptq")
+    assert (gptq.gptq_act_order, gptq.gptq_damp, gptq.gptq_block_size) == (True, 0.01, 128)
+    assert isinstance(gptq.gptq_static_groups, bool)
+    assert "gptq" in gptq.needs_calibration and "Hessian" in gptq.needs_calibration
+    assert not PRESETS["w4a16"].needs_calibration and PRESETS["w4a16"].method == "rtn"
+    w3 = resolve_recipe({"preset": "w4a16-gptq", "weight_bits": 3, "gptq_damp": 0.1, "gptq_act_order": False})
+    assert (w3.weight_bits, w3.weight_storage_bits, w3.weight_format) == (3, 4, "w3a16")
+    assert (w3.gptq_damp, w3.gptq_act_order, w3.method) == (0.1, False, "gptq")
+    assert Recipe(weight_bits=3, group_size=None, symmetric=True).weight_storage_bits == 4  # per-channel is fine
+    assert resolve_recipe({"preset": "w8a8", "method": "gptq"}).needs_calibration
+    assert Recipe(gptq_damp=1).gptq_damp == 1.0 and isinstance(Recipe(gptq_damp=1).gptq_damp, float)

@@ -47,14 +47,9 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(zoo.ARCHITECTURES))
-def canonical(request):
-    name = request.param
-    model, (args, kwargs), (args2, kwargs2) = zoo.build(name)
-    cap = capture(model, args, kwargs)
-    ctx = PassContext(W8A8_ALPHA, cap.flatten_inputs(args, kwargs), progress=False)
-    gm = run_passes(cap.graph_module, [canonicalize], ctx)
-    return name, gm, cap.flatten_inputs(args, kwargs), cap.flatten_inputs(args2, kwargs2)
+@pytest.fixture(params=sorted(zoo.ARCHITECTURES))
+def canonical(request, canonical_zoo):
+    return (request.param, *canonical_zoo(request.param))
 
 
 def _path_ops(group) -> set:

@@ -6,21 +6,25 @@ import pytest
 
 import qcompile
 from qcompile.export import to_onnx
+from tests.export.helpers import calibration_batches
 from tests.models import zoo
 
 
 @pytest.fixture(scope="session")
 def quantized_zoo():
-    """``get(arch, preset) -> QuantizedModel`` of a zoo architecture, quantized on its first example."""
+    """``get(arch, preset) -> QuantizedModel`` of a zoo architecture, quantized on its first
+    example; presets that need calibration (smoothing, static activation scales) get
+    :func:`tests.export.helpers.calibration_batches`."""
     cache: dict = {}
 
     def get(arch: str, preset: str):
         if (arch, preset) not in cache:
             entry = zoo.ARCHITECTURES[arch]
             args, kwargs = entry.inputs(0)
+            calibration = calibration_batches(entry) if qcompile.resolve_recipe(preset).needs_calibration else None
             # verify=False: the passes' own tests verify them; here only the result matters.
             cache[arch, preset] = qcompile.quantize(
-                entry.build(0), args, kwargs, recipe=preset, progress=False, verify=False
+                entry.build(0), args, kwargs, recipe=preset, calibration=calibration, progress=False, verify=False
             )
         return cache[arch, preset]
 

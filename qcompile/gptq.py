@@ -1,0 +1,301 @@
+"""GPTQ weight rounding: pure tensor numerics, with no knowledge of graphs or modules.
+
+GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers"; the algorithm of AutoGPTQ) rounds a linear's weight
+``W [N, K]`` one input column at a time and, after each column, spreads that column's
+rounding error over the columns not rounded yet so that the layer's *output* error on the
+calibration inputs stays small. The objective is the proxy loss
+
+    L(Ŵ) = tr((Ŵ − W) H (Ŵ − W)ᵀ) = Σ_tokens ‖(Ŵ − W) x‖²,   H = Σ x xᵀ (float64, [K, K]),
+
+which is what :func:`proxy_loss` computes. The compensation is the Optimal Brain Surgeon
+update with the inverse Hessian, taken from the upper Cholesky factor ``U`` of
+``(H + λ I)⁻¹``: after rounding column ``q`` with error ``e = (w_q − ŵ_q) / U_qq``, every
+later column ``j`` moves by ``−e · U_qj``. Updates beyond the current block of
+``block_size`` columns are applied lazily, once per block, as one matrix product.
+
+Conventions here:
+
+* Numerics: the Hessian, its dampening, inverse and Cholesky factors, the column loop and
+  the proxy losses are computed in float64 (the sizes of one linear make this cheap on a
+  CPU, and it keeps rounding decisions independent of accumulated float32 error, which a
+  float64 reference can check code for code). Grids (scales, zero points) are float32,
+  exactly as stored; the codes are rounded from the float64 working weights.
+* Dead input channels (``H_ii == 0``: the channel is always 0 in calibration) get
+  ``H_ii = 1`` and a zero weight column, as GPTQ does: their weights never touch the
+  output, they are rounded to exactly 0, and no error is pushed into them. A singular
+  Hessian yields finite results.
+* Dampening ``λ = damp · mean(diag H)``; if the Cholesky factorization still fails, ``λ``
+  is raised tenfold (up to :data:`MAX_DAMP_RAISES` times) and a :class:`GPTQWarning` says
+  so; :attr:`GPTQResult.damp` holds the dampening used.
+* Groups: the storage (:class:`qcompile.quantizers.QuantizedWeight`) needs groups of
+  contiguous input channels. With ``act_order`` (columns rounded in order of decreasing
+  ``H_ii``) a group's columns are visited out of order, so by default every group's grid
+  is fixed from the (dead-column-zeroed) weight before the loop ("static groups",
+  optionally range searched with ``clip_ratios``, weighted by ``diag H``). Without
+  ``act_order`` the default is standard GPTQ: a group's grid is chosen when the loop
+  reaches its first column, from the weights as updated by the compensation so far.
+  ``act_order`` with ``static_groups=False`` combines both: groups are visited in order of
+  decreasing ``Σ H_ii``, the columns of each group together in order of decreasing
+  ``H_ii``, and each group's grid is chosen when the loop reaches it.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .quantizers import (
+    QuantizedWeight,
+    WeightGrid,
+    grid_storage_bits,
+    quantized_weight_from_codes,
+    round_to_grid,
+    weight_grid,
+)
+
+__all__ = ["GPTQResult", "GPTQWarning", "gptq_quantize", "proxy_loss", "rtn_dequantized", "MAX_DAMP_RAISES"]
+
+MAX_DAMP_RAISES = 8
+
+
+class GPTQWarning(UserWarning):
+    """GPTQ had to raise the Hessian dampening to factorize it."""
+
+
+@dataclass(frozen=True, eq=False)
+class GPTQResult:
+    """What :func:`gptq_quantize` made.
+
+    Attributes:
+        qweight: the rounded weight, in the same storage as RTN's.
+        loss: the proxy loss ``tr(ΔW H ΔWᵀ)`` of ``qweight`` against the original weight
+            with the undampened Hessian (float64, as a Python float).
+        damp: the relative dampening finally used.
+        damp_requested: the relative dampening asked for; ``damp`` is larger when the
+            factorization needed more (a :class:`GPTQWarning` was issued).
+        dead_channels: input channels with ``H_ii == 0`` (their weights were zeroed).
+    """
+
+    qweight: QuantizedWeight
+    loss: float
+    damp: float
+    damp_requested: float
+    dead_channels: int
+
+    @property
+    def damp_raised(self) -> bool:
+        return self.damp != self.damp_requested
+
+
+def proxy_loss(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``tr((ŵ − w) H (ŵ − w)ᵀ)`` in float64: the summed squared output error over the
+    calibration tokens whose ``Σ x xᵀ`` is ``hessian``."""
+    delta = w_hat.detach().to(torch.float64) - w.detach().to(torch.float64)
+    h = hessian.detach().to(torch.float64)
+    return float(((delta @ h) * delta).sum())
+
+
+def rtn_dequantized(w: torch.Tensor, grid: WeightGrid) -> torch.Tensor:
+    """``w`` rounded to the nearest point of ``grid`` and dequantized, float64 ``[N, K]``: what
+    :func:`qcompile.quantizers.quantize_weight_rtn` stores when ``grid`` is its grid (rounded
+    in float32 like it)."""
+    expand = lambda t: t.repeat_interleave(grid.group_size, dim=1)  # noqa: E731
+    codes = round_to_grid(w.detach().to(torch.float32), expand(grid.scales), expand(grid.zero_points),
+                          grid.code_min, grid.code_max)
+    return _dequantize64(codes, grid)
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int | None = None,
+    symmetric: bool = True,
+    *,
+    damp: float = 0.01,
+    act_order: bool = True,
+    block_size: int = 128,
+    clip_ratios: tuple[float, ...] | None = None,
+    clip_weighted: bool = True,
+    static_groups: bool | None = None,
+    grid: WeightGrid | None = None,
+) -> GPTQResult:
+    """Round ``w [N, K]`` with GPTQ against ``hessian = Σ x xᵀ [K, K]``.
+
+    Args:
+        w: floating-point weight ``[out_features, in_features]``.
+        hessian: ``[K, K]`` symmetric positive semi-definite (finite; any float dtype,
+            used as float64). Its scale does not matter (dampening is relative).
+        bits: the grid: 8, 4 or 3 (3-bit grids are stored as 4-bit codes 0..7, like
+            ``quantize_weight_rtn(..., bits=4, grid_bits=3)``).
+        group_size: input channels per grid; must divide K; None = per output channel.
+        symmetric: symmetric or asymmetric grids (as :func:`quantize_weight_rtn`).
+        damp: dampening as a fraction of ``mean(diag H)``, > 0.
+        act_order: round columns in order of decreasing ``H_ii`` (with dynamic group grids:
+            groups in order of decreasing ``Σ H_ii``, columns within each group by ``H_ii``).
+        block_size: columns per lazy batch update (speed only).
+        clip_ratios: range search for the grids (as in :func:`quantize_weight_rtn`), its
+            error weighted per input channel by ``H_ii``; applies to static grids and to
+            the grids chosen as the loop reaches each group.
+        clip_weighted: weigh the range search's error per input channel by ``H_ii`` (the
+            output error under a diagonal approximation of H); False = plain weight error.
+        static_groups: choose every group's grid before the loop; False: each group's grid
+            when the loop reaches the group, from its weights as compensated so far. None =
+            static exactly when ``act_order``.
+        grid: static grids chosen by the caller (e.g. the grid its RTN already searched,
+            :func:`qcompile.quantizers.weight_grid` of the same weight and arguments), used
+            as they are instead of choosing them here (``clip_ratios`` is then unused);
+            implies static groups.
+
+    Returns a :class:`GPTQResult` (``.qweight`` is the :class:`QuantizedWeight`).
+    Raises ValueError for a Hessian of the wrong shape or with non-finite values, and for
+    the arguments :func:`quantize_weight_rtn` rejects.
+    """
+    storage = grid_storage_bits(bits)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise ValueError(f"weight must be a 2-D [out_features, in_features] tensor, got {getattr(w, 'shape', w)!r}")
+    n, k = w.shape
+    if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (k, k):
+        raise ValueError(f"hessian must be [{k}, {k}] for a weight of shape {tuple(w.shape)}, "
+                         f"got {tuple(getattr(hessian, 'shape', ()))}")
+    if not hessian.is_floating_point() or not bool(torch.isfinite(hessian).all()):
+        raise ValueError("hessian must be a finite floating-point tensor")
+    if bool((torch.diagonal(hessian) < 0).any()):
+        raise ValueError("hessian has negative diagonal entries: it is not Σ x xᵀ (positive semi-definite)")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp > 0:
+        raise ValueError(f"damp must be a positive number, got {damp!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    group = k if group_size is None else group_size
+    static = act_order if static_groups is None else bool(static_groups)
+    if grid is not None:
+        _check_grid(grid, n, k, storage, bits, group, symmetric)
+        if static_groups is False:
+            raise ValueError("a given grid is static: it cannot be combined with static_groups=False")
+        static = True
+
+    h_orig = hessian.detach().to(torch.float64)
+    h = h_orig.clone()
+    weight = w.detach().to(torch.float64).clone()
+    diag = torch.diagonal(h)
+    dead = diag == 0
+    diag[dead] = 1.0
+    weight[:, dead] = 0.0
+    importance = torch.diagonal(h_orig).float() if clip_ratios and clip_weighted else None
+
+    def grid_of(cols: torch.Tensor, imp: torch.Tensor | None, size: int | None) -> WeightGrid:
+        return weight_grid(cols, storage, size, symmetric, grid_bits=bits, clip_ratios=clip_ratios, importance=imp)
+
+    # The grid of every group [N, G] (filled as the loop goes for dynamic groups).
+    if grid is None:
+        grid = grid_of(weight, importance, group_size)
+    scales = grid.scales.clone()
+    zeros = grid.zero_points.clone()
+
+    perm = _visit_order(torch.diagonal(h), group, act_order, static)
+    weight = weight[:, perm]
+    h = h[perm][:, perm]
+    u, used_damp = _inverse_cholesky(h, float(damp))
+    col_group = torch.div(perm, group, rounding_mode="floor").tolist()  # the group of each visited column
+
+    codes = torch.zeros_like(weight)
+    for start, end in _blocks(k, block_size, None if static else group):
+        w1 = weight[:, start:end].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = u[start:end, start:end]
+        for i in range(end - start):
+            col = start + i
+            g = col_group[col]
+            if not static and col % group == 0:
+                # standard GPTQ: the group's grid from its weights as compensated so far (the
+                # group's columns are contiguous in the visiting order and start a block, and
+                # every earlier block has been applied in full)
+                cols = weight[:, col:col + group]
+                imp = None if importance is None else importance[perm[col:col + group]]
+                fresh = grid_of(cols, imp, None)
+                scales[:, g] = fresh.scales[:, 0]
+                zeros[:, g] = fresh.zero_points[:, 0]
+            column = w1[:, i]
+            s, z = scales[:, g], zeros[:, g]
+            q = round_to_grid(column, s, z, grid.code_min, grid.code_max)
+            codes[:, col] = q
+            err = (column - (q - z.double()) * s.double()) / u1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        weight[:, end:] -= err1 @ u[start:end, end:]
+
+    codes = codes[:, torch.argsort(perm)]
+    final = WeightGrid(scales=scales, zeros=None if grid.zeros is None else zeros, code_min=grid.code_min,
+                       code_max=grid.code_max, bits=storage, grid_bits=bits, group_size=group, in_features=k,
+                       symmetric=symmetric)
+    qweight = quantized_weight_from_codes(codes, final)
+    loss = proxy_loss(w, _dequantize64(codes, final), h_orig)
+    return GPTQResult(qweight=qweight, loss=loss, damp=used_damp, damp_requested=float(damp),
+                      dead_channels=int(dead.sum()))
+
+
+def _check_grid(grid: WeightGrid, n: int, k: int, storage: int, bits: int, group: int, symmetric: bool) -> None:
+    expected = (n, k, storage, bits, group, symmetric)
+    got = (grid.out_features, grid.in_features, grid.bits, grid.grid_bits, grid.group_size, grid.symmetric)
+    if got != expected:
+        names = "(out_features, in_features, bits, grid_bits, group_size, symmetric)"
+        raise ValueError(f"the given grid {names} = {got} does not fit this call's {expected}")
+
+
+def _dequantize64(codes: torch.Tensor, grid: WeightGrid) -> torch.Tensor:
+    """``(code − zero) · scale`` in float64 (exact: small integers times float32 values)."""
+    expand = lambda t: t.to(torch.float64).repeat_interleave(grid.group_size, dim=1)  # noqa: E731
+    return (codes.to(torch.float64) - expand(grid.zero_points)) * expand(grid.scales)
+
+
+def _visit_order(diag: torch.Tensor, group: int, act_order: bool, static: bool) -> torch.Tensor:
+    """The order columns are rounded in (a permutation of 0..K-1).
+
+    Column order without ``act_order``; decreasing ``H_ii`` with it. With groups chosen as
+    the loop goes (not static), a group's columns must be visited together, so activation
+    order is applied twice: groups by decreasing ``Σ H_ii``, and columns within a group by
+    decreasing ``H_ii``.
+    """
+    k = diag.numel()
+    if not act_order:
+        return torch.arange(k)
+    if static or group >= k:
+        return torch.argsort(diag, descending=True, stable=True)
+    per_group = diag.reshape(k // group, group)
+    groups = torch.argsort(per_group.sum(dim=1), descending=True, stable=True)
+    within = torch.argsort(per_group, dim=1, descending=True, stable=True)
+    return (groups.unsqueeze(1) * group + within[groups]).reshape(-1)
+
+
+def _blocks(k: int, block_size: int, group: int | None) -> list[tuple[int, int]]:
+    """Column ranges of the lazy updates; with dynamic groups every group starts a block."""
+    cuts = set(range(0, k, block_size)) | (set(range(0, k, group)) if group else set())
+    edges = sorted(cuts) + [k]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + λ I)⁻¹`` (float64) and the relative dampening used."""
+    mean_diag = float(torch.diagonal(h).mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    tried = damp
+    for attempt in range(MAX_DAMP_RAISES + 1):
+        factor, info = torch.linalg.cholesky_ex(h + (tried * mean_diag) * eye)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                if attempt:
+                    warnings.warn(
+                        f"GPTQ: the dampened Hessian ({h.shape[0]}x{h.shape[0]}) was not positive definite with "
+                        f"damp={damp:g}; used damp={tried:g} (x mean diag H = {mean_diag:.3g})",
+                        GPTQWarning, stacklevel=3,
+                    )
+                return upper, tried
+        tried *= 10.0
+    raise ValueError(
+        f"GPTQ: the Hessian ({h.shape[0]}x{h.shape[0]}) stays non positive definite with dampening up to "
+        f"{tried / 10:g} x mean diag H = {mean_diag:.3g}; is it Σ x xᵀ of real inputs?"
+    )
