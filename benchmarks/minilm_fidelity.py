@@ -19,7 +19,11 @@ Rows (``--recipes`` picks a subset by key; ``--list`` prints the keys):
   weights) and its variants without range search, in column order, with act order inside
   groups visited by decreasing Σ H_ii (``gptq_static_groups=False``), symmetric, with
   ``gptq_damp=0.1``; int3 g128 (a 3-bit grid in the 4-bit container) with RTN and GPTQ,
-  with and without range search.
+  with and without range search; w4a16-gptq with its linears' inputs Hadamard-rotated.
+* Rotation and GPTQ with quantized activations (``--recipes`` keys ``w4a8-rtn-norot``,
+  ``w4a8-rtn``, ``w4a8-norot``, ``w4a8``, ``w4a8-smooth`` and the same for ``w4a4``): RTN or
+  GPTQ int4 g128 weights, with or without the online Hadamard rotation of every linear's
+  input, and the presets (GPTQ + rotation) with searched smoothing in front.
 * 8-bit activations: w8a8 (int8 per-channel weights, dynamic per-token int8 activations,
   SmoothQuant alpha 0.5 folded into the graph); w8a8 without smoothing (the numerics of
   torchao's ``Int8DynamicActivationInt8WeightConfig``); w8a8 with searched smoothing scales;
@@ -208,6 +212,30 @@ def variants() -> list[Variant]:
         Variant("w3a16-gptq-no-clip", "w3a16 GPTQ no range search",
                 {"preset": "w4a16-gptq", "weight_bits": 3, "clip_ratios": ()},
                 "int3, g128, asym, min/max grid, GPTQ act-order", A16),
+        Variant("w4a16-gptq-rot", "w4a16-gptq + rotate=\"input\"", {"preset": "w4a16-gptq", "rotate": "input"},
+                "int4, g128, asym, range search (H-weighted), GPTQ act-order; inputs Hadamard-rotated", A16),
+        # Rotation (online Hadamard of every linear's input) and GPTQ at W4A8 / W4A4, one
+        # change at a time: the presets rotate and use GPTQ
+        Variant("w4a8-rtn-norot", "w4a8 RTN, no rotation", {"preset": "w4a8", "method": "rtn", "rotate": "off"},
+                "int4, g128, asym, range search", A8_TOKEN),
+        Variant("w4a8-rtn", "w4a8 RTN, rotated", {"preset": "w4a8", "method": "rtn"},
+                "int4, g128, asym, range search", A8_TOKEN + ", rotated"),
+        Variant("w4a8-norot", "w4a8 GPTQ, no rotation", {"preset": "w4a8", "rotate": "off"},
+                "int4, g128, asym, range search, GPTQ act-order", A8_TOKEN),
+        Variant("w4a8", "w4a8 (preset: GPTQ, rotated)", "w4a8",
+                "int4, g128, asym, range search, GPTQ act-order", A8_TOKEN + ", rotated"),
+        Variant("w4a8-smooth", "w4a8 + smooth=\"search\"", {"preset": "w4a8", "smooth": "search"},
+                "int4, g128, asym, range search, GPTQ act-order", A8_TOKEN + ", smoothed and rotated"),
+        Variant("w4a4-rtn-norot", "w4a4 RTN, no rotation", {"preset": "w4a4", "method": "rtn", "rotate": "off"},
+                "int4, g128, asym, range search", "int4, dynamic per-token"),
+        Variant("w4a4-rtn", "w4a4 RTN, rotated", {"preset": "w4a4", "method": "rtn"},
+                "int4, g128, asym, range search", "int4, dynamic per-token, rotated"),
+        Variant("w4a4-norot", "w4a4 GPTQ, no rotation", {"preset": "w4a4", "rotate": "off"},
+                "int4, g128, asym, range search, GPTQ act-order", "int4, dynamic per-token"),
+        Variant("w4a4", "w4a4 (preset: GPTQ, rotated)", "w4a4",
+                "int4, g128, asym, range search, GPTQ act-order", "int4, dynamic per-token, rotated"),
+        Variant("w4a4-smooth", "w4a4 + smooth=\"search\"", {"preset": "w4a4", "smooth": "search"},
+                "int4, g128, asym, range search, GPTQ act-order", "int4, dynamic per-token, smoothed and rotated"),
         Variant("w8a8", "w8a8 (preset)", "w8a8", "int8, per-channel, symmetric", A8_TOKEN),
         Variant("w8a8-no-smooth", 'w8a8 smooth="off"', {"preset": "w8a8", "smooth": "off"},
                 "int8, per-channel, symmetric", A8_TOKEN),

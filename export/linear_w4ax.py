@@ -21,8 +21,10 @@ from :class:`qcompile.quantizers.QuantizedWeight`'s 4-bit layout (exact integer 
   int8 codes, any K of a real model for int4), and the per-channel scale follows as a
   ``Mul``: the torch op's epilogue in its order, bit-identical. With groups the kernel
   dequantizes ``(code - zero) * scale`` and sums the float32 products: the result is the
-  op's up to float32 rounding (``|error| <= (K + G + 4) u Σ_k |a_k| |w_k| * xscale``
-  plus an ulp of the output, ``u = 2**-24``; tested). A group size that no MatMulNBits
+  op's up to float32 rounding: ``|onnx - op| <= (K + G + 4) u T + 4 u |y|`` with
+  ``T = xscale * Σ_k |a_k| |w_k|``, ``u = 2**-24`` (a float32 dot product of K terms and
+  the rounding of each dequantized weight, against the op's G rounded group terms and
+  their sums; tested). A group size that no MatMulNBits
   block size represents (40, say) falls back to ``MatMul`` by ``DequantizeLinear`` of the
   weight (noted, as for the weight-only linears).
 * ``"qdq"`` (:func:`linear_w4ax_qdq`): standard ONNX only. Blocked ``QuantizeLinear`` /
@@ -31,10 +33,12 @@ from :class:`qcompile.quantizers.QuantizedWeight`'s 4-bit layout (exact integer 
   runs), ``DequantizeLinear`` of the weight (UINT4 with zero points, or INT4 when
   symmetric; per-axis or blocked along K: the weight-only "qdq" layout), float32
   ``MatMul``, ``Add`` of the bias. Within float32 rounding of the op as above (plus one
-  rounding of ``code * xscale``). ONNX Runtime fuses the weight's DequantizeLinear +
-  MatMul into MatMulNBits at its default optimization level; :data:`EXACT_CONFIG
-  <qcompile.export.runtime.EXACT_CONFIG>` keeps that fused kernel from quantizing the
-  (dequantized) activations again.
+  rounding of ``code * xscale``). ONNX Runtime 1.31 runs this pattern as written (it
+  fuses neither the weight's DequantizeLinear + MatMul into MatMulNBits, as it does for
+  the weight-only "qdq" form, nor the pair of DequantizeLinears into an integer GEMM:
+  checked on its optimized graph, default and EXACT_CONFIG sessions alike), so it
+  dequantizes the weight on every run: a form for consumers that match Q/DQ patterns,
+  not for speed in ONNX Runtime.
 * ``"qcompile"`` (:func:`linear_w4ax_domain`): one ``qcompile.LinearW4A8`` /
   ``qcompile.LinearW4A4`` node ``(X, QWeight, Scales, Zeros, Bias, Smooth) -> Y``,
   attribute ``group_size``, reading qcompile's storage unchanged (QWeight uint8 ``[N,
@@ -48,6 +52,28 @@ from :class:`qcompile.quantizers.QuantizedWeight`'s 4-bit layout (exact integer 
   torch op (tested). ONNX Runtime constant-folds the weight's unpacking when it loads
   the model, so it holds an int8 copy of the weight (K * N bytes) in memory, like the
   op's CPU path.
+
+Speed, measured with ``benchmarks/onnx_w4ax_ops.py`` (ONNX Runtime 1.31.1, CPU provider,
+2 intra-op threads, spinning off, EXACT_CONFIG; AMD EPYC with AVX512-VNNI; M = 4096 rows,
+float32 activations, bias; other processes used one of the two cores throughout, so
+compare within a column), time relative to ONNX Runtime's float32 MatMul + Add::
+
+    K x N                          384x384   1536x384   bit-identical to the op
+    "ort" w4a8 g128                  0.78       0.93      20% / 10% of outputs
+    "ort" w4a8 per-channel           0.72       0.93      all
+    "ort" w4a8 g32                   0.71       0.91      19% / 10%
+    "ort" w4a4 g128                  0.81       0.91      21% / 11%
+    "ort" w4a8 g128, accuracy 4      0.53       0.56      none (4e-3 relative error)
+    "qdq" w4a8 / w4a4 g128        0.84-0.87  1.19         (float32 rounding)
+    "qcompile" w4a8 / w4a4 g128   0.66-0.68  0.90-0.91    all
+
+MatMulNBits at accuracy level 0 computes in float32 (it unpacks the weight on the fly):
+the gain is the weight's size (4 bits: an eighth of a float32 weight's bytes), not the
+arithmetic. ``to_onnx(accuracy_level=4)``
+lets it re-quantize the (integer) codes per block of the weight to int8 with its own
+scales: about 1.7x faster, but 4e-3 from the op, so not the default. The "qcompile"
+flavor's exact integer body (MatMulInteger u8 x s8 per group) ran as fast as the "ort"
+form here, at twice its weight memory (int8 after constant folding).
 
 x may be float32, float16 or bfloat16 (quantized in float32 after a ``Cast``; the result
 cast back with ``CastLike``), of any rank; bias and smooth of any floating type.
@@ -106,7 +132,8 @@ def exact_in_float32(in_features: int, act_bits: int) -> bool:
     return in_features * act_qmax(act_bits, "int") * _MAX_CENTERED_CODE <= _FLOAT32_EXACT_INTEGERS
 
 
-def _read(ctx: ExportContext, act_bits: int, x, qweight, scales, zeros, bias, group_size) -> tuple[WeightOnlyCall, UnsignedGrid]:
+def _read(ctx: ExportContext, act_bits: int, x, qweight, scales, zeros, bias,
+          group_size) -> tuple[WeightOnlyCall, UnsignedGrid]:
     """The call's constant weight tensors and its unsigned grid (ExportError for zero points
     that are not integers in 0..15)."""
     call = read_call(ctx, W4AX_OP_NAMES[act_bits], WEIGHT_BITS, x, qweight, scales, zeros, bias, group_size)
@@ -184,9 +211,15 @@ def linear_w4ax_qdq(act_bits: int):
         b = ScriptNodes(ctx.opset)
         known = Float32Inputs.of(x, bias, smooth)
         xs = smoothed_input(b, x, smooth, known)
+        rank1 = _rank(x) == 1
+        if rank1:  # ONNX Runtime reads a one-element scale [1] as per-tensor and refuses block_size
+            axis0 = b.constant(np.array([0], np.int64))
+            xs = b("Unsqueeze", xs, axis0)
         s = per_token_scale(b, xs, act_qmax(act_bits, "int"))
         xd = _per_token_qdq(b, xs, s, grid.in_features, _QDQ_CODE_TYPES[act_bits])
         y = dequantize_matmul(ctx, dataclasses.replace(call, x=xd, bias=None), grid)
+        if rank1:
+            y = b("Squeeze", y, axis0)
         return in_input_dtype(b, finish_epilogue(b, y, None, bias, known.bias), x, known.x)
 
     translate.__name__ = f"{op_name.split('::')[-1]}_qdq"
@@ -229,7 +262,8 @@ def _w4ax_body(act_bits: int):
         centered = b("Sub", b("Reshape", wcodes, b("Concat", n, groups, group, axis=0)), wzeros)
         w = b("Transpose", b("Cast", centered, to=TensorProto.INT8), perm=[1, 2, 0])
         acc = b("MatMulInteger", a, w, b.constant(np.array(128, np.uint8)))  # int32 [G, M, N]
-        group_scales = b("Unsqueeze", b("Transpose", float32(b, scales), perm=[1, 0]), b.constant(np.array([1], np.int64)))
+        group_scales = b("Unsqueeze", b("Transpose", float32(b, scales), perm=[1, 0]),
+                         b.constant(np.array([1], np.int64)))  # [G, 1, N]
         y = b("ReduceSum", b("Mul", b("Cast", acc, to=TensorProto.FLOAT), group_scales), first, keepdims=0)
         y = b("Mul", y, b("Reshape", s, b.constant(np.array([-1, 1], np.int64))))
         y = finish_epilogue(b, y, None, bias)

@@ -5,7 +5,8 @@ import torch
 
 from qcompile import kernels  # noqa: F401  (registers the qcompile:: ops)
 
-from . import activation_domain, activation_ort, activation_qdq, hadamard, linear_w4ax, ort_contrib, qcompile_domain, qdq
+from . import activation_domain, activation_ort, activation_qdq, hadamard, ort_contrib, qcompile_domain, qdq
+from . import linear_w4ax
 from .registry import TranslationTable
 
 __all__ = ["TRANSLATIONS"]

@@ -37,7 +37,7 @@ from qcompile.graph_utils import (
     infer_meta,
     layer_name,
     linear_weight,
-    quantizable_linears,
+    linears_to_quantize,
 )
 from qcompile.pipeline import GraphPass, PassContext, PassResult
 from qcompile.smoothing import search_scales, smoothing_scales, weight_column_absmax
@@ -135,10 +135,7 @@ def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             f"recipe {recipe.name!r} needs calibration data ({recipe.needs_calibration}); "
             "pass calibration=[batch, ...] to qcompile.quantize"
         )
-    linears = [
-        n for n in quantizable_linears(gm)
-        if not recipe.float_reason(layer_name(n), linear_weight(gm, n).shape[1])
-    ]
+    linears = linears_to_quantize(gm, recipe)
     groups = find_smoothing_groups(gm, linears)
     stats = collect_linear_stats(gm, ctx.calibration, progress=ctx.progress)
     samples = {}

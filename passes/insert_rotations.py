@@ -37,7 +37,7 @@ from qcompile.graph_utils import (
     infer_meta,
     layer_name,
     linear_weight,
-    quantizable_linears,
+    linears_to_quantize,
 )
 from qcompile.hadamard import RotationPlan, apply_hadamard, random_signs, rotation_plan
 from qcompile.kernels.hadamard import hadamard_args
@@ -93,10 +93,7 @@ def _rotate_weight(gm: fx.GraphModule, node: fx.Node, plan: RotationPlan, signs:
 
 def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     recipe = ctx.recipe
-    linears = [
-        n for n in quantizable_linears(gm)
-        if not recipe.float_reason(layer_name(n), linear_weight(gm, n).shape[1])
-    ]
+    linears = linears_to_quantize(gm, recipe)
     groups = _groups(gm, linears)
     for x, consumers in tqdm(list(groups.items()), desc="rotating", unit="activation",
                              disable=not ctx.progress, leave=False):

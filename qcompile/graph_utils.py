@@ -175,3 +175,11 @@ def quantizable_linears(gm: fx.GraphModule) -> list[fx.Node]:
         if weight is not None and weight.is_floating_point():
             out.append(node)
     return out
+
+
+def linears_to_quantize(gm: fx.GraphModule, recipe: Any) -> list[fx.Node]:
+    """The quantizable linears a recipe quantizes (``recipe.float_reason`` empty), in graph order."""
+    return [
+        n for n in quantizable_linears(gm)
+        if not recipe.float_reason(layer_name(n), linear_weight(gm, n).shape[1])
+    ]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import RecipeError
@@ -150,8 +150,8 @@ class Recipe:
         if self.activation_bits == 16:
             if self.activation_format != "int" or self.activation_scale != "dynamic":
                 raise RecipeError(
-                    "activation_format and activation_scale apply to 8-bit activations; "
-                    f"this recipe has activation_bits=16 (set activation_bits=8 to quantize activations)"
+                    "activation_format and activation_scale apply to quantized activations; "
+                    "this recipe has activation_bits=16 (set activation_bits=8 to quantize activations)"
                 )
             return
         if self.weight_bits in (3, 4):

@@ -142,7 +142,7 @@ def test_bad_recipe_is_reported_before_capture():
         ({"preset": "w4a8", "activation_scale": "static"}, ["dynamic per-token integer activations", "'static'"]),
         ({"rotate": "residual"}, ["rotate must be one of", "'residual'"]),
         ({"rotation_seed": -1}, ["rotation_seed", "non-negative", "-1"]),
-        ({"activation_format": "fp8"}, ["apply to 8-bit activations", "activation_bits=16"]),
+        ({"activation_format": "fp8"}, ["apply to quantized activations", "activation_bits=16"]),
         ({"preset": "fp8", "activation_scale": "static"}, ["fp8 activations are scaled per token"]),
         ({"smooth": "yes"}, ["smooth must be one of", "'yes'"]),
         ({"preset": "w8a8", "smooth_alpha": 1.5}, ["smooth_alpha", "[0, 1]", "1.5"]),

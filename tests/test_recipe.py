@@ -37,7 +37,7 @@ def test_resolve_forms():
         ({"activation_bits": 8, "weight_bits": 8, "group_size": 128}, "symmetric per-channel"),
         ({"activation_bits": 8, "symmetric": False}, "symmetric=False"),
         ({"activation_bits": 8, "activation_format": "fp8", "activation_scale": "static"}, "per token"),
-        ({"activation_format": "fp8"}, "apply to 8-bit"),
+        ({"activation_format": "fp8"}, "apply to quantized activations"),
         ({"smooth": True}, "smooth"),
         ({"smooth_alpha": -0.1}, "smooth_alpha"),
         ({"smooth_online": "yes"}, "smooth_online"),

@@ -25,12 +25,13 @@ Checked against (tolerances and their reasons in ``tests/export/helpers.py``):
 Coverage: every architecture for (w4a16, "ort") and (w8a8, "ort"); one architecture for
 each other weight-only (preset, flavor) pair, chosen so that odd sizes are covered (llama's
 K=192 and opt's K=200 fall back to per-channel 4-bit groups: per-axis UINT4 in "qdq");
-every calibrated preset in every flavor on bert (encoder: GELU, LayerNorm, pooler) and
-llama (decoder with a KV cache: RMSNorm, gated SiLU MLP, K=192), the presets themselves,
-smoothing search included (a fixed alpha saves < 1 s of CPU per model here: capture and
-export dominate), except fp8 in "qdq", whose refusal is checked instead. Each of these
-cases smooths some layers, folded into the weights and online (the ``smooth`` argument of
-the w8a8 / fp8 ops, an explicit multiply in front of w4a16), so both are exported.
+every calibrated preset in every flavor on one of bert (encoder: GELU, LayerNorm, pooler)
+or llama (decoder with a KV cache: RMSNorm, gated SiLU MLP, K=192), the presets
+themselves, smoothing search included (a fixed alpha saves < 1 s of CPU per model here:
+capture and export dominate), except fp8 in "qdq", whose refusal is checked instead. Each
+smoothing case smooths some layers, folded into the weights and online (the ``smooth``
+argument of the w8a8 / fp8 ops, an explicit multiply in front of w4a16), so both are
+exported.
 Layouts of every kind (odd block counts, padded blocks, replicated scales) are tested
 exhaustively and cheaply in ``test_layouts.py``; every translated op, in every variant,
 against the torch op in ``test_activation_quant_export.py``.
@@ -62,6 +63,7 @@ from tests.export.helpers import (
     worst_relative_error,
     worst_relative_norm_error,
 )
+from tests.export.test_w4ax_export import ZOO_CASES as W4AX_ZOO_CASES
 from tests.models import zoo
 
 ALL_ARCHITECTURES = list(zoo.ARCHITECTURES)
@@ -79,7 +81,8 @@ OTHER_CASES = [
 # SiLU MLP, K=192), alternating so that both carry every kind of linear ((w8a8, "ort") is
 # tested on every architecture). One architecture per preset keeps the suite short: the
 # translations of every op variant are tested op by op in test_activation_quant_export.py.
-CALIBRATED_ARCHITECTURE = {"w4a16-awq": "llama", "w8a8": "bert", "w8a8-static": "llama", "fp8": "bert"}
+CALIBRATED_ARCHITECTURE = {"w4a16-awq": "llama", "w8a8": "bert", "w8a8-static": "llama", "fp8": "bert",
+                           "w4a16-gptq": "bert"}
 CALIBRATED_PRESETS = tuple(CALIBRATED_ARCHITECTURE)
 # (preset, flavor) pairs qcompile.export refuses; the refusal is tested instead.
 REFUSED = {("fp8", "qdq")}
@@ -91,7 +94,7 @@ CALIBRATED_CASES = [
 ]
 # preset -> (kind, static) of every quantized linear it gives the zoo models
 _PRESET_LINEARS = {"w4a16-awq": ("w4", False), "w8a8": ("int8", False), "w8a8-static": ("int8", True),
-                   "fp8": ("fp8", False)}
+                   "fp8": ("fp8", False), "w4a16-gptq": ("w4", False)}
 
 _QUANTIZED_DTYPES = {onnx.TensorProto.UINT8, onnx.TensorProto.INT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
                      onnx.TensorProto.FLOAT8E4M3FN}
@@ -308,7 +311,8 @@ def test_calibrated_presets_match_quantized_model(exported_zoo, quantized_zoo, a
     qm = quantized_zoo(arch, preset)
     kinds = {(linear.kind, linear.static) for linear in _quantized_linears(qm)}
     assert kinds == {_PRESET_LINEARS[preset]}, (arch, preset, kinds)
-    assert _smoothed_layers(qm) and _online_smoothing(qm), (
+    smooths = qcompile.resolve_recipe(preset).smooth != "off"
+    assert not smooths or (_smoothed_layers(qm) and _online_smoothing(qm)), (
         f"{arch} {preset}: the recipe smoothed no layer, or none online; this case no longer covers the export of "
         "smoothing: choose another architecture in CALIBRATED_ARCHITECTURE")
     check_parity(exported_zoo, arch, preset, flavor)
@@ -330,8 +334,11 @@ def test_qdq_flavor_refuses_fp8_models(quantized_zoo, tmp_path):
 def test_every_preset_and_flavor_is_covered():
     """Every landed preset in every flavor: a parity case, or a tested refusal."""
     cases = {(p, f) for _, p, f in OTHER_CASES + CALIBRATED_CASES} | {("w4a16", "ort"), ("w8a8", "ort")}
+    # the rotated 4-bit-weight presets, every flavor, in test_w4ax_export.py
+    cases |= {(p, f) for p in W4AX_ZOO_CASES for f in FLAVORS}
     assert cases == {(p, f) for p in qcompile.PRESETS for f in FLAVORS} - REFUSED
-    assert set(CALIBRATED_PRESETS) == {p for p in qcompile.PRESETS if qcompile.resolve_recipe(p).needs_calibration}
+    assert set(CALIBRATED_PRESETS) | set(W4AX_ZOO_CASES) == {
+        p for p in qcompile.PRESETS if qcompile.resolve_recipe(p).needs_calibration}
     # The refused pairs are the ones the translation table refuses.
     fp8_refused = set(TRANSLATIONS.refusals(torch.ops.qcompile.linear_fp8.default))
     assert REFUSED == {(p, f) for p in qcompile.PRESETS for f in fp8_refused
