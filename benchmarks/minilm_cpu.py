@@ -152,6 +152,23 @@ class CpuShare:
                 f"{other / wall:.2f} cores, of {ncpu} ({wall:.0f} s wall)")
 
 
+def quietest_timings(calls, waiter, *, attempts: int = 3, first_warmup: int = 3, **timing_kwargs):
+    """``time_interleaved(calls, ...)`` re-run up to ``attempts`` times while other processes
+    disturbed it (>= CONTENDED cores), keeping the quietest run; waits for a quiet machine
+    (``waiter``) before each. Returns ``(timings, CpuShare report, other cores)``."""
+    best = None
+    for attempt in range(attempts):
+        waiter.wait()
+        share = CpuShare()
+        timings = time_interleaved(calls, warmup=first_warmup if attempt == 0 else 1, **timing_kwargs)
+        other = share.other_cores()
+        if best is None or (other is not None and best[2] is not None and other < best[2]):
+            best = (timings, share.report(), other)
+        if other is None or other < CONTENDED:
+            break
+    return best
+
+
 class QuietWaiter:
     """Before a measurement, wait (within a total budget of seconds) until other processes use
     less than ``threshold`` cores over a 1 s window. These machines are shared; other sessions'
@@ -245,18 +262,9 @@ def bench_ops(quick: bool, waiter: QuietWaiter) -> str:
         # Each sample lasts at least ~2 ms (several calls of a short op).
         inner = max(1, min(200, int(2e-3 / max(one, 1e-6))))
         batched = {name: _batched(fn, inner) for name, fn in fns.items()}
-        best = None
-        for _attempt in range(1 if quick else 3):  # re-time a row that other processes disturbed
-            waiter.wait()
-            share = CpuShare()
-            t = time_interleaved(batched, warmup=2 if quick else 3, repeat=7 if quick else 21,
-                                 min_seconds=0.2 if quick else 1.0)
-            other = share.other_cores()
-            if best is None or (other is not None and best[1] is not None and other < best[1]):
-                best = (t, other)
-            if other is None or other < CONTENDED:
-                break
-        t, other = best
+        # re-time a row that other processes disturbed
+        t, _, other = quietest_timings(batched, waiter, attempts=1 if quick else 3, first_warmup=2 if quick else 3,
+                                       repeat=7 if quick else 21, min_seconds=0.2 if quick else 1.0)
         s = {name: t[name].median_s / inner for name in fns}
         path8 = "dq+bf16" if m >= MANY_ROWS[8] else "int8pack"
         path4 = "dq+bf16" if m >= MANY_ROWS[4] else "int4pack"

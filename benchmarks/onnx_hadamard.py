@@ -43,10 +43,9 @@ from qcompile.export import to_onnx
 from qcompile.export.hadamard import RIGHT_FACTOR
 from qcompile.hadamard import apply_hadamard, hadamard_matrix, random_signs, rotation_plan
 from qcompile.kernels.hadamard import hadamard_args
-from qcompile.timing import time_interleaved
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from minilm_cpu import CONTENDED, CpuShare, QuietWaiter, emit, header, markdown_table  # noqa: E402
+from minilm_cpu import QuietWaiter, quietest_timings, emit, header, markdown_table  # noqa: E402
 
 DIMS = (384, 1536, 4096)
 MAX_LEFT = 512  # splits with a larger left factor are not timed (slow, and their [L, L] grows)
@@ -138,17 +137,8 @@ def bench_dim(n: int, rows: int, threads: int, repeat: int, folder: Path, waiter
     calls = {name: (lambda s=s: s.run(None, feeds)[0]) for name, s in sessions.items()}
     calls["torch op"] = lambda: module(x).numpy()
     reference = module(x).numpy().astype(np.float64)
-    best = None
-    for attempt in range(3):  # re-time a dimension that other processes disturbed; keep the quietest run
-        waiter.wait()
-        share = CpuShare()
-        timings = time_interleaved(calls, warmup=2 if attempt == 0 else 1, repeat=repeat)
-        other = share.other_cores()
-        if best is None or (other is not None and best[2] is not None and other < best[2]):
-            best = (timings, share.report(), other)
-        if other is None or other < CONTENDED:
-            break
-    timings, report, _ = best
+    # re-time what other processes disturbed; keep the quietest run
+    timings, report, _ = quietest_timings(calls, waiter, first_warmup=2, repeat=repeat)
     base = timings["dense n x n MatMul"].median_s
     table = []
     for name, fn in calls.items():

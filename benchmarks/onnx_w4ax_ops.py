@@ -38,10 +38,9 @@ import qcompile
 from qcompile.export import EXACT_CONFIG, to_onnx
 from qcompile.kernels import W4_ACT_QUANT_LINEAR_OPS
 from qcompile.quantizers import dequantize_weight, quantize_weight_rtn
-from qcompile.timing import time_interleaved
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from minilm_cpu import CONTENDED, CpuShare, QuietWaiter, emit, header, markdown_table  # noqa: E402
+from minilm_cpu import QuietWaiter, quietest_timings, emit, header, markdown_table  # noqa: E402
 
 SHAPES = [(384, 384), (1536, 384)]  # (K, N)
 # (label, activation bits, group size (None: per-channel), flavor, accuracy_level)
@@ -115,17 +114,8 @@ def bench_shape(k: int, n: int, rows: int, threads: int, repeat: int, folder: Pa
     calls = {name: (lambda s=s: s.run(None, feeds)[0]) for name, s in sessions.items()}
     calls["torch op w4a8 g128"] = lambda: modules[8, 128][0](x).numpy()
     calls["torch op w4a4 g128"] = lambda: modules[4, 128][0](x).numpy()
-    best = None
-    for attempt in range(3):  # re-time a shape that other processes disturbed; keep the quietest run
-        waiter.wait()
-        share = CpuShare()
-        timings = time_interleaved(calls, warmup=3 if attempt == 0 else 1, repeat=repeat)
-        other = share.other_cores()
-        if best is None or (other is not None and best[2] is not None and other < best[2]):
-            best = (timings, share.report(), other)
-        if other is None or other < CONTENDED:
-            break
-    timings, report, _ = best
+    # re-time what other processes disturbed; keep the quietest run
+    timings, report, _ = quietest_timings(calls, waiter, first_warmup=3, repeat=repeat)
     base = timings["fp32 MatMul"].median_s
     labels = {label: (bits, group) for label, bits, group, _, _ in CANDIDATES}
     labels.update({"torch op w4a8 g128": (8, 128), "torch op w4a4 g128": (4, 128)})

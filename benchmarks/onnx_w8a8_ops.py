@@ -54,10 +54,9 @@ from qcompile.export.activation_quant import (
     uint8_codes_per_token,
 )
 from qcompile.export.node_builder import FunctionNodes
-from qcompile.timing import time_interleaved
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from minilm_cpu import CONTENDED, CpuShare, QuietWaiter, emit, header, markdown_table  # noqa: E402
+from minilm_cpu import QuietWaiter, quietest_timings, emit, header, markdown_table  # noqa: E402
 
 SHAPES = [(384, 384), (384, 1536), (1536, 384)]  # (K, N)
 F32 = Float32Inputs(x=True, bias=True)
@@ -171,17 +170,8 @@ def bench_shape(k: int, n: int, rows: int, threads: int, repeat: int, folder: Pa
     calls = {name: (lambda s=s: s.run(None, feeds)[0]) for name, s in sessions.items()}
     calls["torch op"] = lambda: module(x).numpy()
     reference = module(x).numpy()
-    best = None
-    for attempt in range(3):  # re-time a shape that other processes disturbed; keep the quietest run
-        waiter.wait()
-        share = CpuShare()
-        timings = time_interleaved(calls, warmup=3 if attempt == 0 else 1, repeat=repeat)
-        other = share.other_cores()
-        if best is None or (other is not None and best[2] is not None and other < best[2]):
-            best = (timings, share.report(), other)
-        if other is None or other < CONTENDED:
-            break
-    timings, report, _ = best
+    # re-time what other processes disturbed; keep the quietest run
+    timings, report, _ = quietest_timings(calls, waiter, first_warmup=3, repeat=repeat)
     base = timings["fp32 MatMul"].median_s
     rows_out = []
     for name, fn in calls.items():
