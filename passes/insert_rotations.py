@@ -18,9 +18,8 @@ reads X0 and takes ``signs / s`` as its per-channel factor: one op divides by th
 scale and rotates.
 
 A dimension with no Hadamard matrix built here is rotated block-diagonally, and the
-report row says so (``rotation``). Rotations of the residual stream (folded into the
-norms, embeddings and every reader and writer, with no online op) are not built: every
-rotated linear gets its own online rotation, whatever the architecture.
+report row says so (``rotation``). Linears that read a residual stream already rotated
+offline by ``rotate_residual`` (``RESIDUAL_META``) are skipped: their input is rotated.
 """
 from __future__ import annotations
 
@@ -29,6 +28,7 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 from qcompile.graph_utils import (
+    RESIDUAL_META,
     ROTATION_META,
     SMOOTHING_META,
     add_constant,
@@ -93,7 +93,7 @@ def _rotate_weight(gm: fx.GraphModule, node: fx.Node, plan: RotationPlan, signs:
 
 def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     recipe = ctx.recipe
-    linears = linears_to_quantize(gm, recipe)
+    linears = [n for n in linears_to_quantize(gm, recipe) if RESIDUAL_META not in n.meta]
     groups = _groups(gm, linears)
     for x, consumers in tqdm(list(groups.items()), desc="rotating", unit="activation",
                              disable=not ctx.progress, leave=False):

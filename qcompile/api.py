@@ -13,6 +13,7 @@ from qcompile.passes.fold_smoothing import fold_smoothing
 from qcompile.passes.insert_rotations import insert_rotations
 from qcompile.passes.lower_to_kernels import lower_to_kernels
 from qcompile.passes.quantize_weights import quantize_weights
+from qcompile.passes.rotate_residual import rotate_residual
 
 from .calibration import flatten_calibration
 from .capture import CapturedGraph, capture
@@ -52,7 +53,7 @@ class QuantizedModel(torch.nn.Module):
 def build_pipeline(recipe: Recipe) -> list:
     """The passes a recipe runs, in order."""
     smoothing = [fold_smoothing] if recipe.smooth != "off" else []
-    rotations = [insert_rotations] if recipe.rotate != "off" else []
+    rotations = {"off": [], "input": [insert_rotations], "residual": [rotate_residual, insert_rotations]}[recipe.rotate]
     return [canonicalize, *smoothing, *rotations, quantize_weights, lower_to_kernels]
 
 
@@ -88,6 +89,7 @@ def quantize_graph(
         list(ctx.layers.values()),
         ctx.pass_log,
         error_inputs=f"{len(error_batches)} calibration batch(es)" if calibration else "example inputs",
+        notes=list(ctx.notes),
     )
 
 

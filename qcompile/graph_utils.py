@@ -25,6 +25,9 @@ ACT_BITS_META = "qcompile.act_bits"
 SMOOTHING_META = "qcompile.smoothing"
 # node.meta key of a rotated linear's rotation (a qcompile.hadamard.RotationPlan description)
 ROTATION_META = "qcompile.rotation"
+# node.meta key of a linear that reads a residual stream rotated offline (passes/rotate_residual):
+# its input is already rotated, so insert_rotations leaves it alone
+RESIDUAL_META = "qcompile.residual_rotation"
 # node.meta key, on a get_attr node, of the float64 value a constant stands for when it was
 # rounded to the model's precision by a function-preserving rewrite (a rotated weight W Q):
 # the pass manager's float64 check uses it, then drops it (see qcompile.verify)

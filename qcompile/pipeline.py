@@ -61,6 +61,7 @@ class PassContext:
     calibration: list[list[Any]] = field(default_factory=list)
     analyses: dict[str, Any] = field(default_factory=dict)  # cached read-only analyses
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-layer report rows
+    notes: list[str] = field(default_factory=list)  # model-level findings of passes, for the report
     pass_log: list[PassRecord] = field(default_factory=list)
     verify: bool = True
     dump_dir: Path | None = None

@@ -16,12 +16,22 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def _rotation_cell(row: dict[str, Any]) -> str:
+    """Short form of a layer's rotations: its input (online / residual stream), its output."""
+    text = row.get("rotation", "")
+    parts = ["online input" if text.startswith("online") else "residual stream" if text else "-"]
+    if "rotation_out" in row:
+        parts.append("writes residual stream")
+    return ", ".join(parts)
+
+
 @dataclass
 class Report:
     recipe: Recipe
     layers: list[dict[str, Any]]
     passes: list[PassRecord] = field(default_factory=list)
     error_inputs: str = "example inputs"
+    notes: list[str] = field(default_factory=list)  # model-level findings of the passes
 
     @property
     def quantized_bytes(self) -> int:
@@ -36,12 +46,15 @@ class Report:
             "recipe": self.recipe.name,
             "layers": [{k: v for k, v in r.items() if k != "node"} for r in self.layers],
             "passes": [vars(p) for p in self.passes],
+            "notes": list(self.notes),
             "linear_bytes": {"float": self.float_bytes, "quantized": self.quantized_bytes},
         }
 
     def table(self) -> str:
         smoothing = any("smoothing" in r for r in self.layers)
-        head = ("layer", "shape", "format", "bits", "bytes", "out err") + (("smoothing",) if smoothing else ()) + ("note",)
+        rotation = any("rotation" in r or "rotation_out" in r for r in self.layers)
+        head = ("layer", "shape", "format", "bits", "bytes", "out err") + (("smoothing",) if smoothing else ()) \
+            + (("rotation",) if rotation else ()) + ("note",)
         rows = [
             (
                 r["layer"],
@@ -51,6 +64,7 @@ class Report:
                 _fmt_bytes(r.get("bytes", r.get("float_bytes", 0))),
                 f"{r['output_error']:.2e}" if "output_error" in r else "-",
                 *((r.get("smoothing", "-"),) if smoothing else ()),
+                *((_rotation_cell(r),) if rotation else ()),
                 r.get("note", ""),
             )
             for r in self.layers
@@ -66,6 +80,7 @@ class Report:
                 f"({self.float_bytes / max(self.quantized_bytes, 1):.2f}x smaller); "
                 f"out err = relative output error of each layer on the {self.error_inputs}"
             )
+        out += [f"note: {n}" for n in self.notes]
         if self.passes:
             out.append("passes: " + ", ".join(
                 f"{p.name} {p.seconds * 1000:.0f} ms ({p.nodes_before}->{p.nodes_after} ops, verified {p.verified})"

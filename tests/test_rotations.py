@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import qcompile
-from qcompile.graph_utils import ROTATION_META, SMOOTHING_META, get_constant, quantizable_linears
+from qcompile.graph_utils import RESIDUAL_META, ROTATION_META, SMOOTHING_META, get_constant, quantizable_linears
 from qcompile.hadamard import rotation_plan
 from qcompile.passes.fold_smoothing import fold_smoothing
 from qcompile.passes.insert_rotations import HADAMARD_OP, insert_rotations
@@ -121,8 +121,10 @@ def _relative_error(model_out, q_out):
 
 @pytest.mark.parametrize("preset, op", [("w4a8", "linear_w4a8"), ("w4a4", "linear_w4a4")])
 def test_rotated_4bit_presets_lower_every_linear_behind_a_rotation(preset, op):
-    """The preset's graph: every linear a 4-bit op with quantized activations, each reading
-    a qcompile::hadamard of its activation; report rows say GPTQ, activations and rotation."""
+    """The preset's graph: every linear a 4-bit op with quantized activations; those reading
+    the residual stream (rotated offline) read it directly, the others (attention output,
+    MLP down projection) a qcompile::hadamard of their activation; report rows say GPTQ,
+    activations and rotation."""
     model, (_, kwargs), (_, kwargs2) = zoo.build("llama")
     calib = [kwargs2, zoo.ARCHITECTURES["llama"].inputs(seed=5)[1]]
     qm = qcompile.quantize(model, kwargs=kwargs, recipe=preset, calibration=calib, progress=False)
@@ -131,9 +133,9 @@ def test_rotated_4bit_presets_lower_every_linear_behind_a_rotation(preset, op):
     linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == target]
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert len(linears) == n_linear and not quantizable_linears(gm)
-    assert all(n.args[0].target == HADAMARD_OP for n in linears)
-    # q/k/v share one rotation, gate/up another: fewer rotations than linears
-    assert len(_hadamards(gm)) < len(linears)
+    online = [n for n in linears if n.args[0].target == HADAMARD_OP]
+    assert len(online) == len(_hadamards(gm)) == 4  # o_proj and down_proj of 2 layers
+    assert all(RESIDUAL_META in n.meta for n in linears if n not in online)
     rows = [r for r in qm.report().layers if r.get("op") == f"qcompile.{op}"]
     assert len(rows) == n_linear
     bits = preset[-1]

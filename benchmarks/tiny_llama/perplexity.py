@@ -15,7 +15,8 @@ preset each, so a row differs from its preset in one thing only); ``--list`` pri
 The rotation and rounding comparison of BENCHMARKS.md::
 
     .venv/bin/python benchmarks/tiny_llama/perplexity.py --threads 2 --recipes \
-        w4a16,w4a16-gptq,w3a16,w3a16-gptq,w4a8-rtn-norot,w4a8-norot,w4a8,w4a4-rtn-norot,w4a4-norot,w4a4
+        w4a16,w4a16-gptq,w4a16-gptq-rot,w3a16,w3a16-gptq,w4a8-rtn-norot,w4a8-rtn-input,w4a8-norot,\
+        w4a8-input,w4a8,w4a4-rtn-norot,w4a4-rtn-input,w4a4-rtn,w4a4-norot,w4a4-input,w4a4
 """
 from __future__ import annotations
 
@@ -41,6 +42,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "w4a4-norot": ("w4a4", {"rotate": "off"}),
     "w4a4-rtn": ("w4a4", {"method": "rtn"}),
     "w4a4-rtn-norot": ("w4a4", {"method": "rtn", "rotate": "off"}),
+    # an online rotation of every quantized linear's input instead of the presets' offline
+    # residual-stream rotation (plus online rotations of the other linears' inputs)
+    "w4a8-input": ("w4a8", {"rotate": "input"}),
+    "w4a8-rtn-input": ("w4a8", {"method": "rtn", "rotate": "input"}),
+    "w4a4-input": ("w4a4", {"rotate": "input"}),
+    "w4a4-rtn-input": ("w4a4", {"method": "rtn", "rotate": "input"}),
 }
 
 
