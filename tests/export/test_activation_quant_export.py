@@ -318,3 +318,30 @@ def test_opset_too_low_is_named(tmp_path, exports, flavor, opset, needed, op):
     assert op in message and f"flavor {flavor!r}" in message
     assert f"needs opset >= {needed}" in message and f"opset {opset}" in message
     assert _listing(tmp_path) == []
+
+
+def test_qdq_one_dimensional_input(tmp_path, seed):
+    """A 1-D input (one token) has one activation scale; ONNX Runtime rejects a blocked
+    QuantizeLinear whose scale is a single element of a 1-D tensor, so the "qdq" flavor
+    writes per-tensor Q/DQ for it. Exact against the torch op with ONNX Runtime's graph
+    optimizations off; at the default level its QDQ fusion runs its own integer MatMul,
+    within int8 quantization error of the float model."""
+    import onnxruntime as ort
+
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(K, N).eval()
+    x = torch.randn(K)
+    qm = qcompile.quantize(model, (x,), recipe=qcompile.Recipe(weight_bits=8, activation_bits=8), progress=False)
+    result = to_onnx(qm, tmp_path / "one_d.onnx", flavor="qdq")
+    with torch.no_grad():
+        expected, reference = qm(x).numpy(), model(x).numpy()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(str(result.path), options, providers=["CPUExecutionProvider"])
+    (got,) = plain.run(None, onnx_feeds(qm, (x,)))
+    # float32 GEMM of the dequantized operands against the torch op's int32 accumulation
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    (fused,) = inference_session(result.path).run(None, onnx_feeds(qm, (x,)))
+    # int8 activations and weights: ~1% relative error of the float output, like the torch op's
+    assert np.linalg.norm(fused - reference) / np.linalg.norm(reference) < 3e-2
+    assert np.linalg.norm(expected - reference) / np.linalg.norm(reference) < 3e-2
