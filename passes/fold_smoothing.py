@@ -39,6 +39,7 @@ from qcompile.graph_utils import (
     linear_weight,
     linears_to_quantize,
 )
+from qcompile.hadamard import apply_hadamard, random_signs, rotation_plan
 from qcompile.pipeline import GraphPass, PassContext, PassResult
 from qcompile.smoothing import search_scales, smoothing_scales, weight_column_absmax
 from qcompile.smoothing_groups import SmoothingGroup, constant_value, find_smoothing_groups
@@ -110,6 +111,17 @@ def _scale_consumers(gm: fx.GraphModule, group: SmoothingGroup, s: torch.Tensor)
         _replace_arg(gm, consumer, 1, _scaled(w, s[None, :], divide=False), f"{consumer.name}_weight")
 
 
+def _following_rotation(recipe, group: SmoothingGroup):
+    """``t -> t Q`` for a recipe that rotates after smoothing: the randomized Hadamard rotation
+    ``insert_rotations`` gives an activation of this width (a residual-stream rotation uses
+    other signs, which the search cannot tell from these). None without rotations."""
+    if recipe.rotate == "off":
+        return None
+    k = group.channels
+    plan, signs = rotation_plan(k), random_signs(k, recipe.rotation_seed + k, torch.float32)
+    return lambda t: apply_hadamard(t, plan, signs)
+
+
 def _choose_scale(ctx: PassContext, gm: fx.GraphModule, group: SmoothingGroup, stats, samples):
     """(alpha or None, scale or None, note, (error without smoothing, chosen error) or None)."""
     recipe = ctx.recipe
@@ -120,7 +132,7 @@ def _choose_scale(ctx: PassContext, gm: fx.GraphModule, group: SmoothingGroup, s
         return recipe.smooth_alpha, s, "", None
     found = search_scales(
         samples[group.consumers[0]], weights, act.absmax, recipe.smooth_alphas,
-        weight_fake_quant(recipe, group.channels), activation_fake_quant(recipe),
+        weight_fake_quant(recipe, group.channels), activation_fake_quant(recipe), _following_rotation(recipe, group),
     )
     base = found.errors[None]
     best = found.errors[found.alpha]

@@ -76,20 +76,24 @@ def group_output_error(
     quantize_weight: Quantizer,
     quantize_activation: Optional[Quantizer] = None,
     exact_outputs: Optional[Sequence[torch.Tensor]] = None,
+    rotation: Optional[Quantizer] = None,
 ) -> float:
     """Relative output error ``‖Q(X/s) Q(W s)ᵀ − X Wᵀ‖ / ‖X Wᵀ‖`` summed over the group.
 
     ``x`` is ``[tokens, K]`` calibration samples; ``scale`` None means no smoothing;
-    ``exact_outputs`` optionally the precomputed ``X W_iᵀ``. Computed in float32 (the
+    ``exact_outputs`` optionally the precomputed ``X W_iᵀ``; ``rotation`` an orthogonal
+    ``t -> t Q`` applied to both smoothed operands before they are quantized (the rotation a
+    recipe inserts after smoothing: ``Q(X/s Q) Q(W s Q)ᵀ``). Computed in float32 (the
     errors compared are 1e-3 and up; float32's 1e-7 does not change which α wins).
     """
+    rotate = rotation if rotation is not None else (lambda t: t)
     xf = x.detach().float()
-    xs = xf if scale is None else xf / scale
+    xs = rotate(xf if scale is None else xf / scale)
     xq = quantize_activation(xs) if quantize_activation is not None else xs
     err = ref = 0.0
     for i, w in enumerate(weights):
         wf = w.detach().float()
-        ws = wf if scale is None else wf * scale
+        ws = rotate(wf if scale is None else wf * scale)
         exact = exact_outputs[i] if exact_outputs is not None else xf @ wf.T
         got = xq @ quantize_weight(ws).T
         err += float((got - exact).double().pow(2).sum())
@@ -114,18 +118,20 @@ def search_scales(
     alphas: Sequence[float],
     quantize_weight: Quantizer,
     quantize_activation: Optional[Quantizer] = None,
+    rotation: Optional[Quantizer] = None,
 ) -> ScaleSearch:
-    """Grid search over α (plus no smoothing) for the least group output error."""
+    """Grid search over α (plus no smoothing) for the least group output error (with the
+    rotation that follows smoothing, if any: see :func:`group_output_error`)."""
     w_absmax = weight_column_absmax(weights)
     xf = x.detach().float()
     exact = [xf @ w.detach().float().T for w in weights]
     errors: dict[Optional[float], float] = {
-        None: group_output_error(x, weights, None, quantize_weight, quantize_activation, exact)
+        None: group_output_error(x, weights, None, quantize_weight, quantize_activation, exact, rotation)
     }
     scales: dict[Optional[float], Optional[torch.Tensor]] = {None: None}
     for alpha in alphas:
         s = smoothing_scales(act_stat, w_absmax, alpha)
         scales[alpha] = s
-        errors[alpha] = group_output_error(x, weights, s, quantize_weight, quantize_activation, exact)
+        errors[alpha] = group_output_error(x, weights, s, quantize_weight, quantize_activation, exact, rotation)
     best = min(errors, key=lambda a: (errors[a], a is not None))  # ties: no smoothing
     return ScaleSearch(best, scales[best], errors)
