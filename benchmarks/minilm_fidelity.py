@@ -191,6 +191,9 @@ def variants() -> list[Variant]:
         # GPTQ against RTN, same everything else (W4 g128 and W3 g128)
         Variant("w4a16-gptq", "w4a16-gptq (preset)", "w4a16-gptq",
                 "int4, g128, asym, range search (H-weighted), GPTQ act-order", A16),
+        Variant("w4a16-gptq-seq", "w4a16-gptq sequential=True", {"preset": "w4a16-gptq", "sequential": True},
+                "int4, g128, asym, range search (H-weighted), GPTQ act-order; calibrated layer by layer on the "
+                "quantized earlier layers", A16),
         Variant("w4a16-gptq-no-clip", "w4a16-gptq no range search", {"preset": "w4a16-gptq", "clip_ratios": ()},
                 "int4, g128, asym, min/max grid, GPTQ act-order", A16),
         Variant("w4a16-gptq-no-act-order", "w4a16-gptq gptq_act_order=False",

@@ -9,8 +9,8 @@ graph, i.e. after smoothing), for the weight-only formats and for the INT8 weigh
 row then also holds the proxy losses ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` — the output error
 energy on the calibration inputs relative to the output's — of GPTQ (``gptq_loss``) and
 of the RTN the same recipe would have done (``rtn_loss``). Hessians are float64
-``[K, K]`` per linear and all are held at once (MiniLM: ~0.15 GB); streaming them block
-by block is left for larger models.
+``[K, K]`` per linear and all are held at once (MiniLM: ~0.15 GB), except with
+``recipe.sequential`` (below), which holds one stage's.
 
 Weight-only recipes attach a :class:`qcompile.quantizers.QuantizedWeight` to each linear
 they quantize (``node.meta['qcompile.qweight']``); so do recipes with 4-bit (or 3-bit)
@@ -22,6 +22,13 @@ per-tensor activation scale, ``absmax / 127`` of the linear's input over the cal
 batches (after smoothing: the input then is ``X / s``). Every linear gets a report row;
 the graph's ops are rewritten later by ``lower_to_kernels``. The rounding itself is pure
 numerics in ``qcompile.quantizers`` and ``qcompile.act_quant``.
+
+With ``recipe.sequential`` (weight-only recipes) the graph is cut into stages
+(``qcompile.stages``) and quantized stage by stage (:func:`quantize_stage`, driven by
+``qcompile.sequential.run_stages``): each stage's statistics come from the outputs of the
+earlier stages with their weights already quantized (dequantized in float), and only
+one stage's Hessians are held at a time. Streaming (``qcompile.streaming``) runs the same
+:func:`quantize_stage` on stages whose weights are read from disk.
 """
 from __future__ import annotations
 
@@ -36,8 +43,10 @@ from qcompile.fake_quant import weight_group_size
 from qcompile.gptq import GPTQResult, gptq_quantize, proxy_loss, rtn_dequantized
 from qcompile.graph_utils import ACT_BITS_META, ACTQ_META, QWEIGHT_META, layer_name, linear_weight, quantizable_linears
 from qcompile.pipeline import GraphPass, PassContext, PassResult
-from qcompile.quantizers import QuantizedWeight, quantize_weight_rtn, weight_grid
+from qcompile.quantizers import QuantizedWeight, dequantize_weight, quantize_weight_rtn, weight_grid
 from qcompile.recipe import Recipe
+from qcompile.sequential import run_stages
+from qcompile.stages import find_stages, stage_module
 
 
 def _input_stats(gm: fx.GraphModule, ctx: PassContext):
@@ -134,47 +143,114 @@ def _join_notes(*notes: str) -> str:
     return "; ".join(n for n in notes if n)
 
 
+def _quantize_linear(gm: fx.GraphModule, node: fx.Node, recipe: Recipe, stats, layers: dict[str, dict],
+                     target: fx.Node | None = None) -> bool:
+    """Round one linear's weight (read from ``gm``) and attach the result to ``target``
+    (default ``node``; a stage module's copy quantizes its parent's node); fill its report
+    row in ``layers``. Returns whether the linear was quantized."""
+    target = node if target is None else target
+    weight = linear_weight(gm, node)
+    name = layer_name(node)
+    out_features, in_features = weight.shape
+    row = layers.setdefault(name, {"layer": name, "shape": (out_features, in_features)})
+    row["node"] = target.name
+    reason = recipe.float_reason(name, in_features)
+    if reason:
+        row.update(format="float", bits=weight.element_size() * 8, note=reason)
+        return False
+    row["float_bytes"] = weight.numel() * weight.element_size()
+    layer_stats = stats[name] if stats else None
+    if recipe.activation_bits != 16 and recipe.weight_storage_bits == 8:
+        aq = _act_quant_weight(recipe, weight, layer_stats, row)
+        target.meta[ACTQ_META] = aq
+        row.update(format=_act_format(recipe), bits=8, bytes=aq.nbytes, note=row.pop("gptq_note", ""))
+        return True
+    group, note = weight_group_size(recipe, in_features)
+    qweight = _round(recipe, weight, recipe.weight_bits, group, recipe.symmetric, layer_stats, row)
+    target.meta[QWEIGHT_META] = qweight
+    activations = ""
+    if recipe.activation_bits != 16:  # 4-bit weights with int8 / int4 per-token activations
+        target.meta[ACT_BITS_META] = recipe.activation_bits
+        activations = f", a int{recipe.activation_bits} per-token"
+    row.update(
+        format=f"int{recipe.weight_bits} " + (f"g{group}" if group else "per-channel")
+        + (" sym" if recipe.symmetric else " asym") + _clip_label(recipe, layer_stats) + _method_label(recipe)
+        + activations,
+        bits=recipe.weight_bits,
+        group_size=group,
+        bytes=qweight.nbytes,
+        note=_join_notes(note, row.pop("gptq_note", "")),
+    )
+    return True
+
+
+def _needs_stats(recipe: Recipe) -> bool:
+    static = recipe.activation_bits == 8 and recipe.activation_scale == "static"
+    return static or (bool(recipe.clip_ratios) and recipe.clip_objective == "output") or _uses_gptq(recipe)
+
+
+def quantize_stage(module: fx.GraphModule, pairs: list[tuple[fx.Node, fx.Node]], batches: list[list],
+                   recipe: Recipe, layers: dict[str, dict], *, group=None) -> list[fx.Node]:
+    """Quantize the linears of one stage (``qcompile.stages``) of a weight-only recipe.
+
+    ``module`` is the stage's GraphModule, ``pairs`` its ``(linear, target)`` nodes (the
+    quantized weight is attached to ``target``), ``batches`` the stage's inputs. Statistics
+    are collected on ``module`` (reduced over the process ``group`` when given), the weights
+    rounded, and every quantized linear's weight in ``module`` replaced by its dequantized
+    value, so that running ``module`` afterwards gives the quantized stage's outputs.
+    Returns the targets that were quantized.
+    """
+    if recipe.activation_bits != 16:
+        raise ValueError(f"stage-by-stage quantization needs a weight-only recipe, got {recipe.name!r}")
+    stats = None
+    if _needs_stats(recipe) and batches:
+        stats = collect_linear_stats(module, batches, hessian=_uses_gptq(recipe), progress=False,
+                                     group=group).layers
+    quantized = []
+    for node, target in pairs:
+        done = _quantize_linear(module, node, recipe, stats, layers, target)
+        if stats:
+            stats.pop(layer_name(node), None)  # this linear's Hessian is no longer needed: free it now
+        if done:
+            weight_node = node.args[1]
+            old = linear_weight(module, node)
+            setattr(module, weight_node.target, dequantize_weight(target.meta[QWEIGHT_META], old.dtype))
+            quantized.append(target)
+    return quantized
+
+
+def _run_sequential(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """``recipe.sequential``: stage by stage, each calibrated on the quantized earlier stages."""
+    stages = find_stages(gm)
+    modified = False
+
+    def load(stage):
+        return stage_module(gm, stage)
+
+    def process(stage, module, node_map, batches):
+        nonlocal modified
+        pairs = [(node_map[n], n) for n in stage.linears]
+        modified |= bool(quantize_stage(module, pairs, batches, ctx.recipe, ctx.layers))
+
+    run_stages(gm, stages, ctx.calibration, load=load, process=process, progress=ctx.progress)
+    return PassResult(gm, modified)
+
+
 def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     recipe = ctx.recipe
-    modified = False
     linears = quantizable_linears(gm)
+    if recipe.sequential and linears:
+        if _uses_gptq(recipe) and not ctx.calibration:
+            raise CalibrationError(
+                f"recipe {recipe.name!r} needs calibration data ({recipe.needs_calibration}); "
+                "pass calibration=[batch, ...] to qcompile.quantize"
+            )
+        return _run_sequential(gm, ctx)
+    modified = False
     stats = _input_stats(gm, ctx) if linears else None
     desc = "GPTQ rounding" if _uses_gptq(recipe) else "quantizing weights"
     for node in tqdm(linears, desc=desc, unit="layer", disable=not ctx.progress, leave=False):
-        weight = linear_weight(gm, node)
-        name = layer_name(node)
-        out_features, in_features = weight.shape
-        row = ctx.layers.setdefault(name, {"layer": name, "shape": (out_features, in_features)})
-        row["node"] = node.name
-        reason = recipe.float_reason(name, in_features)
-        if reason:
-            row.update(format="float", bits=weight.element_size() * 8, note=reason)
-            continue
-        row["float_bytes"] = weight.numel() * weight.element_size()
-        layer_stats = stats[name] if stats else None
-        if recipe.activation_bits != 16 and recipe.weight_storage_bits == 8:
-            aq = _act_quant_weight(recipe, weight, layer_stats, row)
-            node.meta[ACTQ_META] = aq
-            row.update(format=_act_format(recipe), bits=8, bytes=aq.nbytes, note=row.pop("gptq_note", ""))
-            modified = True
-            continue
-        group, note = weight_group_size(recipe, in_features)
-        qweight = _round(recipe, weight, recipe.weight_bits, group, recipe.symmetric, layer_stats, row)
-        node.meta[QWEIGHT_META] = qweight
-        activations = ""
-        if recipe.activation_bits != 16:  # 4-bit weights with int8 / int4 per-token activations
-            node.meta[ACT_BITS_META] = recipe.activation_bits
-            activations = f", a int{recipe.activation_bits} per-token"
-        row.update(
-            format=f"int{recipe.weight_bits} " + (f"g{group}" if group else "per-channel")
-            + (" sym" if recipe.symmetric else " asym") + _clip_label(recipe, layer_stats) + _method_label(recipe)
-            + activations,
-            bits=recipe.weight_bits,
-            group_size=group,
-            bytes=qweight.nbytes,
-            note=_join_notes(note, row.pop("gptq_note", "")),
-        )
-        modified = True
+        modified |= _quantize_linear(gm, node, recipe, stats, ctx.layers)
     return PassResult(gm, modified)
 
 

@@ -126,9 +126,14 @@ def flatten_calibration(captured: CapturedGraph, calibration: Iterable[Any] | No
 
 
 def collect_linear_stats(
-    gm: fx.GraphModule, batches: list[list[Any]], *, hessian: bool = False, progress: bool = True
+    gm: fx.GraphModule, batches: list[list[Any]], *, hessian: bool = False, progress: bool = True,
+    group: Any = None,
 ) -> CalibrationStats:
-    """Abs-max (and optionally Σ xxᵀ) of every quantizable linear's input over ``batches``."""
+    """Abs-max (and optionally Σ xxᵀ) of every quantizable linear's input over ``batches``.
+
+    With a ``torch.distributed`` process ``group``, ``batches`` are this rank's share and
+    the statistics are reduced over the group (``qcompile.distributed.all_reduce_stats``).
+    """
     linears = quantizable_linears(gm)
     names = {node: layer_name(node) for node in linears}
     stats = CalibrationStats()
@@ -145,6 +150,10 @@ def collect_linear_stats(
         for flat in tqdm(batches, desc="calibrating", unit="batch", disable=not progress, leave=False):
             interp.run(*flat)
             stats.batches += 1
+    if group is not None:
+        from .distributed import all_reduce_stats  # noqa: PLC0415  (distributed imports this module)
+
+        all_reduce_stats(stats, group, hessian=hessian)
     return stats
 
 

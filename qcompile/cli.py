@@ -2,6 +2,7 @@
 
     qcompile demo                          the main job: quantize the real MiniLM, report
     qcompile quantize MODEL --recipe R --out DIR [--calib FILE] [--export onnx [--flavor F]]
+    qcompile quantize HF_DIR --recipe R --out DIR --max-memory 2GB    streams stage by stage when needed
     qcompile inspect MODEL [--recipe R]    the per-layer plan and the rewritten graph
     qcompile inspect DIR                   what `qcompile quantize` wrote
     qcompile inspect model.onnx            an ONNX file: ops by domain, tensor bytes by dtype
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ExportError, OutputExistsError, QcompileError
+from .errors import CalibrationError, ExportError, ModelLoadError, OutputExistsError, QcompileError
 from .recipe import PRESETS
 
 EXIT_USER_ERROR = 3
@@ -118,6 +119,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise OutputExistsError(f"the parent folder of --out ({out.parent}) does not exist")
     if args.flavor is not None and args.export != "onnx":
         raise ExportError(f"--flavor {args.flavor} applies to the ONNX export; add --export onnx")
+    if _should_stream(args):
+        return _cmd_quantize_streaming(args, out)
     loaded, qm = _quantize_loaded(args)
     flavor = (args.flavor or "ort") if args.export == "onnx" else None
     exported = _write_output(out, loaded, qm, onnx_flavor=flavor)
@@ -129,6 +132,82 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if exported is not None:
         for note in exported.notes:
             print(f"note: {note}")
+    return 0
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"2GB"`` -> 2e9 bytes (``GB`` = 10⁹, ``GiB`` = 2³⁰; ``K``/``M``/``G``/``T``, case-insensitive)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GB, 512MiB)")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _should_stream(args: argparse.Namespace) -> bool:
+    """Stream when asked (--stream), or when --max-memory is given for a Hugging Face folder
+    whose safetensors weights exceed half of it (in memory, quantization holds the float
+    weights plus the graph's working copies, Hessians and quantized weights)."""
+    from .checkpoint import checkpoint_bytes
+
+    folder = Path(args.model)
+    if args.stream:
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"--stream needs a local Hugging Face model folder; {args.model} is not one")
+        return True
+    if args.max_memory is None or not (folder / "config.json").is_file():
+        return False
+    return checkpoint_bytes(folder) * 2 > args.max_memory
+
+
+def _stream_inputs(args: argparse.Namespace, recipe):
+    """Example and calibration batches for a model folder that is never loaded whole."""
+    import transformers
+
+    from .data import stdlib_docstrings
+    from .model_loading import LoadedModel, load_calibration
+
+    folder = Path(args.model)
+    tokenizer = None
+    if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+        example = dict(tokenizer(stdlib_docstrings()[:2], padding=True, truncation=True, max_length=64,
+                                 return_tensors="pt"))
+    else:
+        config = transformers.AutoConfig.from_pretrained(str(folder))
+        example = {"input_ids": torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))}
+    if args.calib:
+        loaded = LoadedModel(torch.nn.Module(), ((), example), tokenizer, description=str(folder))
+        return example, load_calibration(args.calib, loaded)
+    if recipe.needs_calibration:
+        raise CalibrationError(f"recipe {recipe.name!r} needs calibration data ({recipe.needs_calibration}); "
+                               "pass --calib FILE")
+    return example, [example]
+
+
+def _cmd_quantize_streaming(args: argparse.Namespace, out: Path) -> int:
+    from .checkpoint import checkpoint_bytes
+    from .streaming import quantize_checkpoint
+
+    if args.export is not None:
+        raise ExportError("--export onnx is not available with streaming quantization yet; quantize first, "
+                          "then export a model that fits in memory")
+    recipe = _recipe_from(args)
+    example, calibration = _stream_inputs(args, recipe)
+    budget = f" (--max-memory {args.max_memory / 1e9:.2f} GB)" if args.max_memory else ""
+    print(f"streaming {args.model}: {checkpoint_bytes(args.model) / 1e9:.2f} GB of weights{budget}, stage by stage")
+    result = quantize_checkpoint(args.model, out, recipe=recipe, calibration=calibration, example=example)
+    print((out / "report.txt").read_text(), end="")
+    total = sum(result.stage_seconds.values())
+    print(f"\n{result.stages} stages ({result.resumed} resumed) in {total:.1f} s; peak resident memory "
+          f"{result.peak_rss / 2**30:.2f} GiB")
+    print(f"wrote {out}/: manifest.json, stage-*.safetensors, config.json, example.safetensors, report.txt, report.json")
     return 0
 
 
@@ -193,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--flavor", choices=["ort", "qdq", "qcompile"], default=None,
                        help="ONNX flavor with --export onnx: ort (MatMulNBits, default), qdq (standard "
                             "DequantizeLinear + MatMul), qcompile (qcompile-domain ops with function bodies)")
+    quant.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
+                       help="memory budget (e.g. 2GB): a Hugging Face folder whose weights exceed half of it is "
+                            "quantized stage by stage, streaming weights from its safetensors shards")
+    quant.add_argument("--stream", action="store_true",
+                       help="always quantize a Hugging Face folder stage by stage (resumes an interrupted run "
+                            "into the same --out)")
     quant.set_defaults(fn=cmd_quantize)
 
     insp = sub.add_parser("inspect", help="print the per-layer plan and the rewritten graph's ops")

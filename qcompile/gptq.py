@@ -177,9 +177,8 @@ def gptq_quantize(
         static = True
 
     h_orig = hessian.detach().to(torch.float64)
-    h = h_orig.clone()
     weight = w.detach().to(torch.float64).clone()
-    diag = torch.diagonal(h)
+    diag = torch.diagonal(h_orig).clone()  # H with dead channels' H_ii = 1 (set in h below)
     dead = diag == 0
     diag[dead] = 1.0
     weight[:, dead] = 0.0
@@ -194,10 +193,12 @@ def gptq_quantize(
     scales = grid.scales.clone()
     zeros = grid.zero_points.clone()
 
-    perm = _visit_order(torch.diagonal(h), group, act_order, static)
+    perm = _visit_order(diag, group, act_order, static)
     weight = weight[:, perm]
-    h = h[perm][:, perm]
+    h = h_orig[perm][:, perm]  # one permuted copy of H (memory matters for large K)
+    torch.diagonal(h)[dead[perm]] = 1.0
     u, used_damp = _inverse_cholesky(h, float(damp))
+    del h  # [K, K] float64: free it before the loop (memory matters for large K)
     col_group = torch.div(perm, group, rounding_mode="floor").tolist()  # the group of each visited column
 
     codes = torch.zeros_like(weight)
@@ -277,15 +278,25 @@ def _blocks(k: int, block_size: int, group: int | None) -> list[tuple[int, int]]
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + λ I)⁻¹`` (float64) and the relative dampening used."""
+    """Upper Cholesky factor of ``(H + λ I)⁻¹`` (float64) and the relative dampening used.
+
+    Holds at most three ``[K, K]`` matrices besides ``h`` at a time (K = 5632 float64:
+    254 MB each)."""
     mean_diag = float(torch.diagonal(h).mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
     tried = damp
     for attempt in range(MAX_DAMP_RAISES + 1):
-        factor, info = torch.linalg.cholesky_ex(h + (tried * mean_diag) * eye)
+        damped = h.clone()
+        damped.diagonal().add_(tried * mean_diag)
+        factor, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(factor)
+            # (H + λI)⁻¹ from the factor by a triangular solve against I: same result as
+            # torch.cholesky_inverse to float64 rounding, and 10-50x faster on CPU (LAPACK
+            # potri measured 36 s for K = 2048 against 0.75 s here, on 2 cores)
+            inverse = torch.cholesky_solve(torch.eye(h.shape[0], dtype=h.dtype), factor)
+            del factor
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0:
                 if attempt:
                     warnings.warn(

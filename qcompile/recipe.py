@@ -81,6 +81,13 @@ class Recipe:
             grids are always chosen as reached (standard GPTQ).
         gptq_block_size: columns per lazy batch update (speed only; results agree to
             rounding error).
+        sequential: calibrate stage by stage (``qcompile.stages``: the graph cut into its
+            layers at single-tensor cut points): each stage's statistics/Hessians come from
+            the outputs of the *already quantized* earlier stages, so later layers are
+            rounded against what they will really see (as GPTQ's reference code does).
+            Weight-only recipes only. Streaming quantization (``qcompile.streaming``) is
+            always sequential; with ``sequential=True`` the in-memory path gives the same
+            weights.
         clip_ratios: weight range search: per group, shrink the grid's range by each ratio
             and keep the one with the least squared rounding error (still round-to-nearest;
             ``()`` = plain min/max). The w4a16 preset searches ``CLIP_SEARCH``.
@@ -111,6 +118,7 @@ class Recipe:
     gptq_act_order: bool = True
     gptq_static_groups: bool = True
     gptq_block_size: int = 128
+    sequential: bool = False
     clip_ratios: tuple[float, ...] = ()
     clip_objective: str = "output"
     keep_float: tuple[str, ...] = ()
@@ -184,6 +192,11 @@ class Recipe:
             raise RecipeError("clip_ratios (range search) applies to integer weights, not fp8")
 
     def _check_method(self) -> None:
+        if not isinstance(self.sequential, bool):
+            raise RecipeError(f"sequential must be True or False, got {self.sequential!r}")
+        if self.sequential and self.activation_bits != 16:
+            raise RecipeError("sequential calibration feeds each stage the previous stages' quantized outputs with "
+                              f"float activations: it needs a weight-only recipe, got activation_bits={self.activation_bits}")
         if self.method not in _METHODS:
             raise RecipeError(f"method must be one of {_METHODS}, got {self.method!r}")
         if isinstance(self.gptq_damp, bool) or not isinstance(self.gptq_damp, (int, float)) or not (
