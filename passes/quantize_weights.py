@@ -22,6 +22,11 @@ per-tensor activation scale, ``absmax / 127`` of the linear's input over the cal
 batches (after smoothing: the input then is ``X / s``). Every linear gets a report row;
 the graph's ops are rewritten later by ``lower_to_kernels``. The rounding itself is pure
 numerics in ``qcompile.quantizers`` and ``qcompile.act_quant``.
+
+A linear carrying ``node.meta['qcompile.precision']`` (a ``WeightFormat`` chosen by
+``assign_precision`` under a budget) is rounded to that format instead of the recipe's
+``weight_bits`` / ``group_size`` / ``symmetric`` (int8 per-channel symmetric, a 3/4-bit
+grid in groups, or left float); method and range search stay the recipe's.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ from qcompile.graph_utils import ACT_BITS_META, ACTQ_META, QWEIGHT_META, layer_n
 from qcompile.pipeline import GraphPass, PassContext, PassResult
 from qcompile.quantizers import QuantizedWeight, quantize_weight_rtn, weight_grid
 from qcompile.recipe import Recipe
+from qcompile.weight_formats import PRECISION_META
 
 
 def _input_stats(gm: fx.GraphModule, ctx: PassContext):
@@ -158,18 +164,28 @@ def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             row.update(format=_act_format(recipe), bits=8, bytes=aq.nbytes, note=row.pop("gptq_note", ""))
             modified = True
             continue
+        bits, symmetric = recipe.weight_bits, recipe.symmetric
         group, note = weight_group_size(recipe, in_features)
-        qweight = _round(recipe, weight, recipe.weight_bits, group, recipe.symmetric, layer_stats, row)
+        chosen = node.meta.get(PRECISION_META)  # the per-layer choice of assign_precision
+        if chosen is not None and chosen.is_float:
+            row.update(format="float", bits=weight.element_size() * 8, bytes=row["float_bytes"],
+                       note="kept float by the precision budget")
+            continue
+        if chosen is not None:
+            bits, symmetric = chosen.grid_bits, chosen.symmetric
+            if bits == 8:
+                group, note = None, ""
+        qweight = _round(recipe, weight, bits, group, symmetric, layer_stats, row)
         node.meta[QWEIGHT_META] = qweight
         activations = ""
         if recipe.activation_bits != 16:  # 4-bit weights with int8 / int4 per-token activations
             node.meta[ACT_BITS_META] = recipe.activation_bits
             activations = f", a int{recipe.activation_bits} per-token"
         row.update(
-            format=f"int{recipe.weight_bits} " + (f"g{group}" if group else "per-channel")
-            + (" sym" if recipe.symmetric else " asym") + _clip_label(recipe, layer_stats) + _method_label(recipe)
+            format=f"int{bits} " + (f"g{group}" if group else "per-channel")
+            + (" sym" if symmetric else " asym") + _clip_label(recipe, layer_stats) + _method_label(recipe)
             + activations,
-            bits=recipe.weight_bits,
+            bits=bits,
             group_size=group,
             bytes=qweight.nbytes,
             note=_join_notes(note, row.pop("gptq_note", "")),

@@ -16,12 +16,20 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def _omega_cell(row: dict[str, Any]) -> str:
+    """``w3 1.2e-03  w4* 3.0e-04 ...``: the sensitivity of each candidate, the chosen one starred."""
+    chosen = str(row.get("precision", "")).split(" ")[0]
+    return "  ".join(f"{name}{'*' if name == chosen else ''} {value:.2e}"
+                     for name, value in row.get("omega", {}).items()) or "-"
+
+
 @dataclass
 class Report:
     recipe: Recipe
     layers: list[dict[str, Any]]
     passes: list[PassRecord] = field(default_factory=list)
     error_inputs: str = "example inputs"
+    precision: dict[str, Any] | None = None  # assign_precision's problem and solution (budget recipes)
 
     @property
     def quantized_bytes(self) -> int:
@@ -41,7 +49,9 @@ class Report:
 
     def table(self) -> str:
         smoothing = any("smoothing" in r for r in self.layers)
-        head = ("layer", "shape", "format", "bits", "bytes", "out err") + (("smoothing",) if smoothing else ()) + ("note",)
+        precision = any("omega" in r for r in self.layers)  # a budget's per-layer choice
+        head = ("layer", "shape", "format", "bits", "bytes", "out err") + (("smoothing",) if smoothing else ()) \
+            + (("Ω per candidate (chosen*)",) if precision else ()) + ("note",)
         rows = [
             (
                 r["layer"],
@@ -51,6 +61,7 @@ class Report:
                 _fmt_bytes(r.get("bytes", r.get("float_bytes", 0))),
                 f"{r['output_error']:.2e}" if "output_error" in r else "-",
                 *((r.get("smoothing", "-"),) if smoothing else ()),
+                *((_omega_cell(r),) if precision else ()),
                 r.get("note", ""),
             )
             for r in self.layers

@@ -128,7 +128,7 @@ def test_bad_recipe_is_reported_before_capture():
     "recipe, words",
     [
         ("w3a16", ["unknown recipe 'w3a16'",
-                   "presets: fp8, w4a16, w4a16-awq, w4a16-gptq, w4a4, w4a8, w8a16, w8a8, w8a8-static"]),
+                   "presets: auto, fp8, w4a16, w4a16-awq, w4a16-gptq, w4a4, w4a8, w8a16, w8a8, w8a8-static"]),
         ({"preset": "int4"}, ["unknown recipe 'int4'"]),
         ({"weight_bits": 5}, ["weight_bits", "(3, 4, 8)", "got 5"]),
         ({"preset": "w4a16", "group_size": 0}, ["group_size", ">= 2", "got 0"]),
