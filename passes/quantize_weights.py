@@ -29,6 +29,11 @@ With ``recipe.sequential`` (weight-only recipes) the graph is cut into stages
 earlier stages with their weights already quantized (dequantized in float), and only
 one stage's Hessians are held at a time. Streaming (``qcompile.streaming``) runs the same
 :func:`quantize_stage` on stages whose weights are read from disk.
+
+A linear carrying ``node.meta['qcompile.precision']`` (a ``WeightFormat`` chosen by
+``assign_precision`` under a budget) is rounded to that format instead of the recipe's
+``weight_bits`` / ``group_size`` / ``symmetric`` (int8 per-channel symmetric, a 3/4-bit
+grid in groups, or left float); method and range search stay the recipe's.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ from qcompile.quantizers import QuantizedWeight, dequantize_weight, quantize_wei
 from qcompile.recipe import Recipe
 from qcompile.sequential import run_stages
 from qcompile.stages import find_stages, stage_module
+from qcompile.weight_formats import PRECISION_META
 
 
 def _input_stats(gm: fx.GraphModule, ctx: PassContext):
@@ -165,18 +171,28 @@ def _quantize_linear(gm: fx.GraphModule, node: fx.Node, recipe: Recipe, stats, l
         target.meta[ACTQ_META] = aq
         row.update(format=_act_format(recipe), bits=8, bytes=aq.nbytes, note=row.pop("gptq_note", ""))
         return True
+    bits, symmetric = recipe.weight_bits, recipe.symmetric
     group, note = weight_group_size(recipe, in_features)
-    qweight = _round(recipe, weight, recipe.weight_bits, group, recipe.symmetric, layer_stats, row)
+    chosen = target.meta.get(PRECISION_META)  # the per-layer choice of assign_precision (on the graph's node)
+    if chosen is not None and chosen.is_float:
+        row.update(format="float", bits=weight.element_size() * 8, bytes=row["float_bytes"],
+                   note="kept float by the precision budget")
+        return False
+    if chosen is not None:
+        bits, symmetric = chosen.grid_bits, chosen.symmetric
+        if bits == 8:
+            group, note = None, ""
+    qweight = _round(recipe, weight, bits, group, symmetric, layer_stats, row)
     target.meta[QWEIGHT_META] = qweight
     activations = ""
     if recipe.activation_bits != 16:  # 4-bit weights with int8 / int4 per-token activations
         target.meta[ACT_BITS_META] = recipe.activation_bits
         activations = f", a int{recipe.activation_bits} per-token"
     row.update(
-        format=f"int{recipe.weight_bits} " + (f"g{group}" if group else "per-channel")
-        + (" sym" if recipe.symmetric else " asym") + _clip_label(recipe, layer_stats) + _method_label(recipe)
+        format=f"int{bits} " + (f"g{group}" if group else "per-channel")
+        + (" sym" if symmetric else " asym") + _clip_label(recipe, layer_stats) + _method_label(recipe)
         + activations,
-        bits=recipe.weight_bits,
+        bits=bits,
         group_size=group,
         bytes=qweight.nbytes,
         note=_join_notes(note, row.pop("gptq_note", "")),

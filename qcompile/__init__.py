@@ -9,6 +9,8 @@ from __future__ import annotations
 from . import kernels  # noqa: F401  (registers the qcompile:: ops)
 from . import testing
 from .api import QuantizedModel, quantize
+from .budget import Budget
+from .precision_ilp import BudgetInfeasibleError
 from .errors import (
     CalibrationError,
     CaptureError,
@@ -24,6 +26,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",
+    "Budget",
+    "BudgetInfeasibleError",
     "CalibrationError",
     "CaptureError",
     "InputMismatchError",

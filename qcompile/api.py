@@ -8,6 +8,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
+from qcompile.passes.assign_precision import assign_precision
 from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.fold_smoothing import fold_smoothing
 from qcompile.passes.insert_rotations import insert_rotations
@@ -54,7 +55,8 @@ def build_pipeline(recipe: Recipe) -> list:
     """The passes a recipe runs, in order."""
     smoothing = [fold_smoothing] if recipe.smooth != "off" else []
     rotations = {"off": [], "input": [insert_rotations], "residual": [rotate_residual, insert_rotations]}[recipe.rotate]
-    return [canonicalize, *smoothing, *rotations, quantize_weights, lower_to_kernels]
+    precision = [assign_precision] if recipe.budget is not None else []
+    return [canonicalize, *smoothing, *rotations, *precision, quantize_weights, lower_to_kernels]
 
 
 def quantize_graph(
@@ -90,6 +92,7 @@ def quantize_graph(
         ctx.pass_log,
         error_inputs=f"{len(error_batches)} calibration batch(es)" if calibration else "example inputs",
         notes=list(ctx.notes),
+        precision=ctx.analyses.get("precision"),
     )
 
 

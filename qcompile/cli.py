@@ -20,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import CalibrationError, ExportError, ModelLoadError, OutputExistsError, QcompileError
@@ -231,7 +232,30 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.graph:
         print()
         print(qm.graph_module.print_readable(print_output=False))
+    if args.pareto:
+        _print_pareto(qm.report(), args.pareto)
     return 0
+
+
+def _print_pareto(report, points: int) -> None:
+    """The budget sweep of a budget recipe: least Σ Ω per average-bits limit."""
+    from .errors import RecipeError
+    from .passes.assign_precision import budget_constraints
+    from .precision_ilp import budget_sweep
+    from .budget import Budget
+
+    problem = report.precision
+    if problem is None:
+        raise RecipeError("--pareto needs a recipe with a budget (e.g. --recipe auto)")
+    con = budget_constraints(Budget(avg_bits=1.0), problem["costs"], problem["formats"], problem["sizes"])[0]
+    lo = float((con.costs.min(1, where=problem["allowed"], initial=np.inf)).sum() * con.scale)
+    hi = float((con.costs.max(1, where=problem["allowed"], initial=0.0)).sum() * con.scale)
+    values = [lo + (hi - lo) * i / max(points - 1, 1) for i in range(points)]
+    print(f"\nPareto frontier (Σ Ω, sensitivity {problem['sensitivity'].method}, against average bits):")
+    print(f"  {'avg bits limit':>14} {'avg bits used':>13} {'Σ Ω':>12}")
+    for value, objective, used in budget_sweep(problem["sensitivity"].omega, con, values, problem["allowed"]):
+        cells = ("infeasible", "") if objective is None else (f"{used:.3f}", f"{objective:.4e}")
+        print(f"  {value:>14.3f} {cells[0]:>13} {cells[1]:>12}")
 
 
 def _inspect_onnx(path: Path) -> int:
@@ -285,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "or an .onnx file")
     _add_recipe_args(insp)
     insp.add_argument("--graph", action="store_true", help="also print the rewritten graph")
+    insp.add_argument("--pareto", type=int, default=0, metavar="N",
+                      help="with a budget recipe: print the Pareto frontier (least Σ Ω at N average-bits limits)")
     insp.set_defaults(fn=cmd_inspect)
     return parser
 

@@ -6,6 +6,7 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
+from .budget import Budget, check_precision_fields
 from .errors import RecipeError
 
 _WEIGHT_BITS = (3, 4, 8)
@@ -98,6 +99,22 @@ class Recipe:
         keep_float: glob patterns of layer names (the weight's source name without
             ``.weight``, e.g. ``"lm_head"`` or ``"*.attention.*"``) left in floating point.
         min_in_features: linears with fewer input features stay in floating point.
+        budget: a :class:`qcompile.Budget` (or a dict of its fields): each linear's weight
+            format is then chosen per layer among ``candidates`` by an integer linear program
+            (``passes/assign_precision.py``) minimizing the summed sensitivity under the
+            budget; ``weight_bits`` is then only the default of layers the choice skips.
+            Needs calibration data and ``activation_bits=16``.
+        candidates: the formats a budget chooses from: ``"w3"`` / ``"w4"`` (3- / 4-bit grids
+            with ``group_size`` and ``symmetric``, in the 4-bit container), ``"w8"`` (int8
+            per-channel symmetric), ``"float"`` (kept in floating point).
+        sensitivity: how Ω is measured (``qcompile.sensitivity``): ``"local"`` (layer output
+            error ``tr(ΔW H_x ΔWᵀ)``), ``"hessian"`` (HAWQ: Hutchinson trace of the loss
+            Hessian · ‖ΔW‖² / n) or ``"e2e"`` (measured loss increase, one layer at a time).
+        sensitivity_loss: the loss of ``"hessian"`` / ``"e2e"``: ``"auto"``, ``"lm"``, ``"kl"``
+            or ``"mse"`` (see ``qcompile.hessian_trace``).
+        hutchinson_samples: Hessian-vector products of the ``"hessian"`` estimate.
+        precision_pins: ``((layer glob, format), ...)``: layers whose format the budget does
+            not choose (they still count in its totals).
     """
 
     name: str = "custom"
@@ -123,6 +140,12 @@ class Recipe:
     clip_objective: str = "output"
     keep_float: tuple[str, ...] = ()
     min_in_features: int = 1
+    budget: Budget | None = None
+    candidates: tuple[str, ...] = ("w3", "w4", "w8")
+    sensitivity: str = "local"
+    sensitivity_loss: str = "auto"
+    hutchinson_samples: int = 16
+    precision_pins: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.weight_bits not in _WEIGHT_BITS:
@@ -140,6 +163,7 @@ class Recipe:
         self._check_smoothing()
         self._check_rotation()
         self._check_method()
+        check_precision_fields(self)
         if not isinstance(self.symmetric, bool):
             raise RecipeError(f"symmetric must be True or False, got {self.symmetric!r}")
         if isinstance(self.clip_ratios, (str, bytes)) or not all(
@@ -246,6 +270,8 @@ class Recipe:
             reasons.append("static activation scales come from calibration")
         if self.method == "gptq":
             reasons.append('method="gptq" needs the Hessian (Σ x xᵀ) of every linear\'s inputs')
+        if self.budget is not None:
+            reasons.append("a budget's per-layer precision choice measures each layer's sensitivity on calibration data")
         return "; ".join(reasons)
 
     def float_reason(self, layer: str, in_features: int) -> str:
@@ -273,6 +299,8 @@ class Recipe:
 
     @property
     def weight_format(self) -> str:
+        if self.budget is not None:
+            return "mixed weights a16 (" + ", ".join(f"{k} {v:g}" for k, v in self.budget.limits().items()) + ")"
         if self.activation_bits == 8 and self.activation_format == "fp8":
             return "fp8"
         return f"w{self.weight_bits}a{self.activation_bits}"
@@ -308,6 +336,10 @@ PRESETS: dict[str, Recipe] = {
                    method="gptq", activation_bits=8, rotate="residual"),
     "w4a4": Recipe(name="w4a4", weight_bits=4, group_size=128, symmetric=False, clip_ratios=CLIP_SEARCH,
                    method="gptq", activation_bits=4, rotate="residual"),
+    # per-layer int3 / int4 g128 / int8 weights chosen by the precision ILP at 4.5 bits per
+    # weight on average, from each layer's output error on calibration data
+    "auto": Recipe(name="auto", weight_bits=4, group_size=128, symmetric=False, clip_ratios=CLIP_SEARCH,
+                   budget=Budget(avg_bits=4.5), candidates=("w3", "w4", "w8")),
 }
 
 DEFAULT_PRESET = "w8a16"
@@ -326,7 +358,7 @@ def resolve_recipe(recipe: "str | Recipe | dict[str, Any] | None") -> Recipe:
     if isinstance(recipe, dict):
         fields = dict(recipe)
         base = resolve_recipe(fields.pop("preset", None)) if "preset" in fields else Recipe()
-        for key in ("keep_float", "clip_ratios", "smooth_alphas"):
+        for key in ("keep_float", "clip_ratios", "smooth_alphas", "candidates", "precision_pins"):
             if isinstance(fields.get(key), list):
                 fields[key] = tuple(fields[key])
         return base.replace(**fields)

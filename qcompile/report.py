@@ -25,6 +25,13 @@ def _rotation_cell(row: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _omega_cell(row: dict[str, Any]) -> str:
+    """``w3 1.2e-03  w4* 3.0e-04 ...``: the sensitivity of each candidate, the chosen one starred."""
+    chosen = str(row.get("precision", "")).split(" ")[0]
+    return "  ".join(f"{name}{'*' if name == chosen else ''} {value:.2e}"
+                     for name, value in row.get("omega", {}).items()) or "-"
+
+
 @dataclass
 class Report:
     recipe: Recipe
@@ -32,6 +39,7 @@ class Report:
     passes: list[PassRecord] = field(default_factory=list)
     error_inputs: str = "example inputs"
     notes: list[str] = field(default_factory=list)  # model-level findings of the passes
+    precision: dict[str, Any] | None = None  # assign_precision's problem and solution (budget recipes)
 
     @property
     def quantized_bytes(self) -> int:
@@ -53,8 +61,9 @@ class Report:
     def table(self) -> str:
         smoothing = any("smoothing" in r for r in self.layers)
         rotation = any("rotation" in r or "rotation_out" in r for r in self.layers)
+        precision = any("omega" in r for r in self.layers)  # a budget's per-layer choice
         head = ("layer", "shape", "format", "bits", "bytes", "out err") + (("smoothing",) if smoothing else ()) \
-            + (("rotation",) if rotation else ()) + ("note",)
+            + (("rotation",) if rotation else ()) + (("Ω per candidate (chosen*)",) if precision else ()) + ("note",)
         rows = [
             (
                 r["layer"],
@@ -65,6 +74,7 @@ class Report:
                 f"{r['output_error']:.2e}" if "output_error" in r else "-",
                 *((r.get("smoothing", "-"),) if smoothing else ()),
                 *((_rotation_cell(r),) if rotation else ()),
+                *((_omega_cell(r),) if precision else ()),
                 r.get("note", ""),
             )
             for r in self.layers

@@ -128,7 +128,7 @@ def test_bad_recipe_is_reported_before_capture():
     "recipe, words",
     [
         ("w3a16", ["unknown recipe 'w3a16'",
-                   "presets: fp8, w4a16, w4a16-awq, w4a16-gptq, w4a4, w4a8, w8a16, w8a8, w8a8-static"]),
+                   "presets: auto, fp8, w4a16, w4a16-awq, w4a16-gptq, w4a4, w4a8, w8a16, w8a8, w8a8-static"]),
         ({"preset": "int4"}, ["unknown recipe 'int4'"]),
         ({"weight_bits": 5}, ["weight_bits", "(3, 4, 8)", "got 5"]),
         ({"preset": "w4a16", "group_size": 0}, ["group_size", ">= 2", "got 0"]),
@@ -140,7 +140,7 @@ def test_bad_recipe_is_reported_before_capture():
          ["8-bit activations with 8-bit weights need symmetric per-channel weights", "group_size=128"]),
         ({"activation_bits": 4}, ["4-bit activations need 4-bit (or 3-bit) weights", "weight_bits=8"]),
         ({"preset": "w4a8", "activation_scale": "static"}, ["dynamic per-token integer activations", "'static'"]),
-        ({"rotate": "residual"}, ["rotate must be one of", "'residual'"]),
+        ({"rotate": "everywhere"}, ["rotate must be one of", "'everywhere'", "residual"]),
         ({"rotation_seed": -1}, ["rotation_seed", "non-negative", "-1"]),
         ({"activation_format": "fp8"}, ["apply to quantized activations", "activation_bits=16"]),
         ({"preset": "fp8", "activation_scale": "static"}, ["fp8 activations are scaled per token"]),

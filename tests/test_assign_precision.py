@@ -1,0 +1,262 @@
+"""The precision ILP (qcompile.precision_ilp), Budget / recipe fields, and the
+assign_precision pass end to end.
+
+The solver is checked against brute force (every assignment enumerated) on small random
+instances with pins and ties, and over many random budgets on a larger synthetic table
+(never exceeded, checked in exact arithmetic of the costs); an infeasible budget must name
+the smallest feasible value, which must itself be feasible. End to end, the lowered graph's
+own tensors are measured against the budget.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import qcompile
+from qcompile.budget import Budget
+from qcompile.errors import CalibrationError, RecipeError
+from qcompile.graph_utils import QWEIGHT_META, call_nodes, layer_name, linear_weight, quantizable_linears
+from qcompile.kernels import WEIGHT_ONLY_LINEAR_OPS
+from qcompile.passes.assign_precision import assign_precision
+from qcompile.passes.lower_to_kernels import lower_to_kernels
+from qcompile.passes.quantize_weights import quantize_weights
+from qcompile.pipeline import PassContext, run_passes
+from qcompile.precision_ilp import LIMIT_RTOL, BudgetConstraint, BudgetInfeasibleError, solve_assignment
+from qcompile.recipe import PRESETS, Recipe, resolve_recipe
+from qcompile.weight_formats import PRECISION_META, weight_bytes
+
+
+def _rng() -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence().entropy)
+
+
+def _brute_force(omega, constraints, allowed, ties):
+    best, best_choice = None, None
+    layers, cands = omega.shape
+    for choice in itertools.product(range(cands), repeat=layers):
+        choice = np.array(choice)
+        if not allowed[np.arange(layers), choice].all():
+            continue
+        if any(len({choice[i] for i in group}) > 1 for group in ties):
+            continue
+        if any(c.total(choice) > c.limit for c in constraints):
+            continue
+        value = omega[np.arange(layers), choice].sum()
+        if best is None or value < best:
+            best, best_choice = value, choice
+    return best, best_choice
+
+
+def test_ilp_optimum_equals_brute_force_on_small_instances():
+    rng = _rng()
+    solved = infeasible = 0
+    for _ in range(40):
+        layers, cands = int(rng.integers(2, 6)), int(rng.integers(2, 4))
+        omega = rng.exponential(size=(layers, cands))
+        size = rng.integers(1, 50, size=(layers, 1)).astype(float)
+        bits = np.sort(rng.choice([2, 3, 4, 8, 16], size=cands, replace=False))
+        constraints = [BudgetConstraint("bits", size * bits, float(rng.uniform(0.3, 1.0) * (size * bits.max()).sum()))]
+        if rng.random() < 0.5:
+            other = rng.uniform(0, 10, size=(layers, cands))
+            constraints.append(BudgetConstraint("other", other, float(rng.uniform(0.2, 1.0) * other.max(1).sum())))
+        allowed = rng.random((layers, cands)) < 0.8
+        allowed[np.arange(layers), rng.integers(0, cands, layers)] = True
+        ties = [sorted(rng.choice(layers, 2, replace=False).tolist())] if rng.random() < 0.4 else []
+        best, _ = _brute_force(omega, constraints, allowed, ties)
+        if best is None:
+            with pytest.raises(BudgetInfeasibleError):
+                solve_assignment(omega, constraints, allowed, ties)
+            infeasible += 1
+            continue
+        result = solve_assignment(omega, constraints, allowed, ties, mip_rel_gap=0.0)
+        # proven optimal (gap 0): the two sums of the same float64 terms agree to rounding
+        assert result.objective == pytest.approx(best, rel=1e-9, abs=1e-12)
+        default = solve_assignment(omega, constraints, allowed, ties)
+        assert default.objective <= best * (1 + 1e-4) + 1e-12  # HiGHS's default relative gap
+        assert allowed[np.arange(layers), result.choice].all()
+        assert all(len({result.choice[i] for i in g}) == 1 for g in ties)
+        solved += 1
+    assert solved >= 10  # the random limits leave most instances feasible
+
+
+def test_budgets_never_exceeded_over_random_budgets():
+    rng = _rng()
+    layers = 60
+    numel = rng.integers(1_000, 3_000_000, size=layers).astype(float)
+    bits = np.array([3, 4, 8, 16])
+    avg_bits = numel[:, None] * bits
+    nbytes = numel[:, None] * np.array([0.5 + 1 / 16, 0.5 + 1 / 16, 1.0 + 1 / 512, 2.0])  # int3 = int4 bytes
+    bops = numel[:, None] * bits * 16 * rng.integers(1, 9)
+    tables = {"avg_bits": avg_bits, "bytes": nbytes, "bops": bops}
+    for _ in range(120):
+        omega = rng.exponential(size=(layers, 4)) * np.array([8.0, 2.0, 0.1, 0.0])
+        chosen = [k for k in tables if rng.random() < 0.6] or ["avg_bits"]
+        constraints = []
+        for k in chosen:
+            low, high = tables[k].min(1).sum(), tables[k].max(1).sum()
+            constraints.append(BudgetConstraint(k, tables[k], float(rng.uniform(low, high))))
+        try:
+            result = solve_assignment(omega, constraints)
+        except BudgetInfeasibleError:
+            continue
+        for con in constraints:
+            # LIMIT_RTOL = 1e-12 relative: float rounding of converting units, not a real excess
+            assert con.total(result.choice) <= con.limit * (1 + LIMIT_RTOL), (con.name, con.total(result.choice))
+
+
+def test_infeasible_budget_names_the_smallest_feasible_value():
+    rng = _rng()
+    numel = rng.integers(100, 10_000, size=7).astype(float)
+    total = numel.sum()
+    table = numel[:, None] * np.array([3, 4, 8])
+    allowed = np.ones((7, 3), dtype=bool)
+    allowed[2] = [False, False, True]  # one layer pinned to 8 bits
+    smallest = (table[:, 0].sum() - table[2, 0] + table[2, 2]) / total
+    con = BudgetConstraint("avg_bits", table, 2.5 * total, 1 / total)
+    with pytest.raises(BudgetInfeasibleError, match=r"smallest feasible avg_bits") as info:
+        solve_assignment(rng.random((7, 3)), [con], allowed)
+    assert info.value.smallest["avg_bits"] == pytest.approx(smallest, rel=1e-12)
+    shown = float(str(info.value).rsplit(" ", 1)[-1])  # rounded up to 6 digits: feasible as written
+    assert smallest <= shown <= smallest * (1 + 1e-5)
+    feasible = BudgetConstraint("avg_bits", table, info.value.smallest["avg_bits"] * total, 1 / total)
+    result = solve_assignment(rng.random((7, 3)), [feasible], allowed)
+    assert result.choice[2] == 2 and result.totals["avg_bits"] == pytest.approx(smallest, rel=1e-12)
+
+
+def test_budget_and_recipe_validation():
+    with pytest.raises(RecipeError, match="at least one"):
+        Budget()
+    with pytest.raises(RecipeError, match="avg_bits"):
+        Budget(avg_bits=-1)
+    with pytest.raises(RecipeError, match="device"):
+        Budget(latency_ms=1.0, device="tpu")
+    with pytest.raises(RecipeError, match="activation_bits=16"):
+        Recipe(weight_bits=4, group_size=128, activation_bits=8, budget=Budget(avg_bits=4))
+    with pytest.raises(RecipeError, match="candidates"):
+        Recipe(budget=Budget(avg_bits=4), candidates=("w5",))
+    with pytest.raises(RecipeError, match="precision_pins only apply"):
+        Recipe(precision_pins=(("lm_head", "w8"),))
+    recipe = resolve_recipe({"preset": "auto", "budget": {"bytes": 1e6}, "candidates": ["w4", "w8"],
+                             "precision_pins": [["lm_head", "float"]]})
+    assert recipe.budget == Budget(bytes=1e6) and recipe.candidates == ("w4", "w8")
+    assert recipe.precision_pins == (("lm_head", "float"),)
+    assert PRESETS["auto"].budget == Budget(avg_bits=4.5) and "budget" in PRESETS["auto"].needs_calibration
+
+
+def _run_auto(canonical_zoo, recipe, name="llama"):
+    gm, example, other = canonical_zoo(name)
+    ctx = PassContext(recipe, example, calibration=[example, other], progress=False)
+    gm = run_passes(gm, [assign_precision, quantize_weights, lower_to_kernels], ctx)
+    return gm, ctx
+
+
+def _lowered_formats(gm):
+    """(layer, grid bits, stored bytes, numel) of every lowered linear, read from the graph."""
+    rows = []
+    for bits, op in WEIGHT_ONLY_LINEAR_OPS.items():
+        for node in call_nodes(gm, op):
+            fmt = node.meta[PRECISION_META]
+            qw = node.meta[QWEIGHT_META]
+            assert qw.bits == bits == fmt.storage_bits
+            stored = sum(t.numel() * t.element_size() for t in (qw.qweight, qw.scales, qw.zeros) if t is not None)
+            tensors = [getattr(gm, a.target) for a in node.args[1:4] if isinstance(a, torch.fx.Node)]
+            assert sum(t.numel() * t.element_size() for t in tensors) == stored  # the graph holds exactly these
+            rows.append((fmt.grid_bits, stored, qw.in_features * qw.out_features))
+    return rows
+
+
+def test_auto_respects_avg_bits_and_lowers_to_the_chosen_ops(canonical_zoo):
+    recipe = PRESETS["auto"].replace(group_size=32, budget=Budget(avg_bits=4.3), clip_ratios=())
+    gm, ctx = _run_auto(canonical_zoo, recipe)
+    rows = _lowered_formats(gm)
+    assert not quantizable_linears(gm)  # every linear was lowered (none kept float)
+    numel = sum(r[2] for r in rows)
+    average = sum(r[0] * r[2] for r in rows) / numel
+    assert average <= 4.3
+    assert {r[0] for r in rows} >= {8} and len({r[0] for r in rows}) >= 2  # a mix, not one uniform format
+    solution = ctx.analyses["precision"]
+    assert solution["assignment"].totals["avg_bits"] == pytest.approx(average, rel=1e-12)
+    for row in ctx.layers.values():
+        assert set(row["omega"]) == {"w3", "w4", "w8"}
+        assert row["omega"]["w3"] >= row["omega"]["w4"] >= row["omega"]["w8"] >= 0
+        assert row["format"].startswith(f"int{row['cost']['bits']} ")
+
+
+def test_bytes_budget_measured_on_the_lowered_graph_with_pins(canonical_zoo):
+    gm0, _, _ = canonical_zoo("llama")
+    shapes = {layer_name(n): tuple(linear_weight(gm0, n).shape) for n in quantizable_linears(gm0)}
+    float_bytes = 4 * shapes["lm_head"][0] * shapes["lm_head"][1]
+    limit = 0.22 * sum(n * k * 4 for n, k in shapes.values()) + float_bytes
+    recipe = PRESETS["auto"].replace(group_size=32, clip_ratios=(), budget=Budget(bytes=limit),
+                                     precision_pins=(("lm_head", "float"), ("*.0.self_attn.q_proj", "w3")))
+    gm, ctx = _run_auto(canonical_zoo, recipe)
+    rows = _lowered_formats(gm)
+    kept = [n for n in quantizable_linears(gm)]
+    assert [layer_name(n) for n in kept] == ["lm_head"]  # pinned float: still aten.linear
+    assert sum(r[1] for r in rows) + float_bytes <= limit
+    q_proj = ctx.layers["model.layers.0.self_attn.q_proj"]
+    assert q_proj["precision"] == "w3 (pinned)" and q_proj["format"].startswith("int3 g32")
+
+
+def test_every_layer_pinned_needs_no_sensitivity(canonical_zoo):
+    recipe = PRESETS["auto"].replace(clip_ratios=(), budget=Budget(avg_bits=8), precision_pins=(("*", "w8"),))
+    gm, ctx = _run_auto(canonical_zoo, recipe)
+    assert not any(isinstance(k, tuple) and k[0] == "sensitivity" for k in ctx.analyses)
+    assert {r[0] for r in _lowered_formats(gm)} == {8} and not quantizable_linears(gm)
+    with pytest.raises(BudgetInfeasibleError, match=r"smallest feasible avg_bits 8$"):
+        _run_auto(canonical_zoo, recipe.replace(budget=Budget(avg_bits=7.9)))
+
+
+def test_infeasible_budget_in_the_pass_names_recipe_and_smallest(canonical_zoo):
+    recipe = PRESETS["auto"].replace(budget=Budget(avg_bits=2.0), clip_ratios=())
+    with pytest.raises(BudgetInfeasibleError, match=r"recipe 'auto'.*smallest feasible avg_bits 3$") as info:
+        _run_auto(canonical_zoo, recipe)
+    assert info.value.smallest["avg_bits"] == pytest.approx(3.0)
+
+
+def test_quantize_with_auto_preset_on_a_zoo_model():
+    from tests.models import zoo
+
+    model, (args, kwargs), (args2, kwargs2) = zoo.build("bert")
+    with pytest.raises(CalibrationError, match="budget"):
+        qcompile.quantize(model, args, kwargs, recipe="auto")
+    qm = qcompile.quantize(model, args, kwargs, recipe={"preset": "auto", "group_size": 32},
+                           calibration=[kwargs, kwargs2], progress=False)
+    report = qm.report()
+    assert "Ω per candidate" in report.table()
+    layers = [r for r in report.layers if "omega" in r]
+    assert layers and all(r["format"].startswith(("int3", "int4", "int8")) for r in layers)
+    numel = sum(r["shape"][0] * r["shape"][1] for r in layers)
+    assert sum(r["bits"] * r["shape"][0] * r["shape"][1] for r in layers) / numel <= 4.5
+    with torch.no_grad():
+        ref = model(*args2, **kwargs2).last_hidden_state
+        out = qm(*args2, **kwargs2).last_hidden_state
+    cos = torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).min()
+    assert cos > 0.9  # 3-8 bit weights on a random-weight BERT: close, not exact
+    assert sum(weight_bytes(qcompile.weight_formats.candidate_formats(("w8",), None, True)[0], *r["shape"], 4)
+               for r in layers) > report.quantized_bytes
+
+
+def test_cli_inspect_prints_the_pareto_frontier(tmp_path, capsys):
+    import re
+
+    from qcompile.cli import main
+    from qcompile.model_loading import load_model
+
+    loaded = load_model("tests.models.factories:tiny_llama")
+    args, kwargs = loaded.example
+    calib = tmp_path / "calib.pt"
+    torch.save([kwargs if kwargs else tuple(args)] * 2, calib)
+    assert main(["inspect", "tests.models.factories:tiny_llama", "--recipe", "auto", "--group-size", "32",
+                 "--calib", str(calib), "--pareto", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "Ω per candidate (chosen*)" in out
+    points = re.findall(r"^\s+(\d+\.\d+)\s+(\d+\.\d+)\s+(\S+)$", out, re.M)
+    assert [float(p[0]) for p in points] == pytest.approx([3.0, 4.0, 5.0, 6.0, 7.0, 8.0])  # int3 .. int8
+    used = [float(p[1]) for p in points]
+    omega = [float(p[2]) for p in points]
+    assert all(u <= v + 1e-9 for u, v in zip(used, [float(p[0]) for p in points]))
+    assert all(a >= b for a, b in zip(omega, omega[1:])) and omega[0] > omega[-1] > 0  # more bits, less Ω
