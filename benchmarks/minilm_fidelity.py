@@ -1,9 +1,9 @@
 """Fidelity and size of quantized all-MiniLM-L6-v2 on held-out text.
 
-    .venv/bin/python benchmarks/minilm_fidelity.py [--recipes KEY,KEY,...] [--quick] [--threads N] [--list]
+    .venv/bin/python benchmarks/minilm_fidelity.py [--recipes KEY,KEY,...] [--quick] [--threads N] [--calib N] [--list]
 
 Calibration: the 64 calibration texts of ``calibration_and_heldout(64, 256)`` (batches of
-16). Evaluation: the 256 held-out texts (never seen in calibration), embedded as
+16; ``--calib N`` takes N instead, the held-out texts staying the same). Evaluation: the 256 held-out texts (never seen in calibration), embedded as
 sentence-transformers does (mean pooling over the attention mask, L2 normalization); the
 figure is the cosine between each text's quantized and float32 embedding (mean and worst).
 
@@ -293,6 +293,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true",
                    help="verification off; without --recipes only w8a16, w4a16 and w8a8 (same texts)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--calib", type=int, default=N_CALIB, metavar="N",
+                   help=f"calibration texts (default {N_CALIB}); the held-out texts do not depend on it")
     args = p.parse_args(argv)
     if args.list:
         for v in all_variants:
@@ -317,7 +319,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     emit(header("qcompile fidelity and size: all-MiniLM-L6-v2 on held-out text", args.threads))
 
     model, tokenizer = load_minilm()
-    calib_texts, eval_texts = calibration_and_heldout(N_CALIB, N_EVAL)
+    if args.calib < 1:
+        p.error(f"--calib must be at least 1, got {args.calib}")
+    calib_texts, eval_texts = calibration_and_heldout(args.calib, N_EVAL)
     calib = list(batches(calib_texts, tokenizer, batch_size=16))
     log("embedding the held-out texts with the fp32 model and a bf16 copy")
     with torch.no_grad():

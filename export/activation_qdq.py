@@ -5,10 +5,8 @@
   ``Div``, the zero guard; see :mod:`qcompile.export.activation_quant`) and fed to a
   blocked ``QuantizeLinear`` (one block of K channels per token: scale ``[..., 1]``,
   ``block_size = K`` on the last axis, ``output_dtype`` INT8; opset 21)
-  and the matching ``DequantizeLinear``. A 1-D activation (one token) gets per-tensor Q/DQ
-  instead (ONNX Runtime rejects a blocked scale that is a single element of a 1-D tensor);
-  ONNX Runtime's QDQ fusion then runs that MatMul with its own integer kernel, within int8
-  quantization error of the torch op (exact with graph optimizations off). A static ``act_scale`` is a per-tensor scale
+  and the matching ``DequantizeLinear`` (a 1-D activation, one token, as a ``[1, K]`` row:
+  ONNX Runtime refuses a blocked scale of one element). A static ``act_scale`` is a per-tensor scale
   (activations first raised to ``-127 * scale``, so that the codes clamp at -127 as the
   torch op's do, not at QuantizeLinear's -128).
 * Weights: int8 initializers laid out ``[K, N]`` (what ``MatMul`` reads)
@@ -50,6 +48,7 @@ from .activation_quant import (
     read_linear_call,
     require_opset,
     smoothed_input,
+    static_rank,
     static_scale,
     weight_kn,
 )
@@ -77,30 +76,16 @@ def _require(ctx: ExportContext, op_name: str) -> None:
                   "activation quantization without blocked scales")
 
 
-def _rank(x):
-    shape = getattr(x, "shape", None)
-    return len(shape) if shape is not None else None
-
-
-def _per_token_codes(b: NodeBuilder, xs, s, k: int, dtype: int, rank):
+def _per_token_codes(b: NodeBuilder, xs, s, k: int, dtype: int):
     """``QuantizeLinear`` of ``xs [..., K]`` with the per-token scale ``s [..., 1]`` (one block of K).
-    A 1-D ``xs`` is quantized as one row ``[1, K]``: ONNX Runtime rejects a blocked scale that
-    is a single element of a 1-D tensor."""
-    if rank == 1:
-        row = b.constant(np.array([1, k], np.int64))
-        codes = b("QuantizeLinear", b("Reshape", xs, row), b("Reshape", s, b.constant(np.array([1, 1], np.int64))),
-                  axis=-1, block_size=k, output_dtype=dtype)
-        return b("Reshape", codes, b.constant(np.array([k], np.int64)))
+    ``xs`` must have at least 2 dimensions: ONNX Runtime reads a one-element scale ``[1]`` as
+    per-tensor and refuses ``block_size`` (callers give a 1-D input as a ``[1, K]`` row)."""
     return b("QuantizeLinear", xs, s, axis=-1, block_size=k, output_dtype=dtype)
 
 
-def _per_token_qdq(b: NodeBuilder, xs, s, k: int, dtype: int, rank):
-    """The dequantized per-token codes of ``xs``."""
-    if rank == 1:  # per-tensor: one token, one scale
-        scalar = b("Reshape", s, b.constant(np.zeros((0,), np.int64)))
-        codes = b("QuantizeLinear", xs, scalar, output_dtype=dtype)
-        return b("DequantizeLinear", codes, scalar)
-    return b("DequantizeLinear", _per_token_codes(b, xs, s, k, dtype, rank), s, axis=-1, block_size=k)
+def _per_token_qdq(b: NodeBuilder, xs, s, k: int, dtype: int):
+    """The dequantized per-token codes of ``xs`` (at least 2-D, see :func:`_per_token_codes`)."""
+    return b("DequantizeLinear", _per_token_codes(b, xs, s, k, dtype), s, axis=-1, block_size=k)
 
 
 def _linear(ctx: ExportContext, call, xd, wscales, b: NodeBuilder, known: Float32Inputs):
@@ -119,8 +104,14 @@ def linear_w8a8(ctx: ExportContext, x, qweight, wscales, bias, smooth, act_scale
     known = Float32Inputs.of(x, bias, smooth, act_scale)
     xs = smoothed_input(b, x, smooth, known)
     if act_scale is None:
-        s = per_token_scale(b, xs, INT8_QMAX)
-        xd = _per_token_qdq(b, xs, s, call.in_features, TensorProto.INT8, _rank(x))
+        one_token = static_rank(x) == 1  # quantized as a [1, K] row (see _per_token_codes)
+        row = b.constant(np.array([0], np.int64))
+        rows = b("Unsqueeze", xs, row) if one_token else xs
+        xd = _per_token_qdq(b, rows, per_token_scale(b, rows, INT8_QMAX), call.in_features, TensorProto.INT8)
+        y = _linear(ctx, call, xd, wscales, b, known)
+        # squeezed after the MatMul: a Squeeze between DequantizeLinear and MatMul lets ONNX
+        # Runtime's QDQ fusion replace the product with its own integer kernel (4e-3 off)
+        return b("Squeeze", y, row) if one_token else y
     else:
         s = static_scale(b, act_scale, known.act_scale)
         zero = b.constant(np.array(0, np.int8))
@@ -140,6 +131,11 @@ def quantize_per_token(ctx: ExportContext, x, smooth, bits, format):
     b = ScriptNodes(ctx.opset)
     known = Float32Inputs.of(x, None, smooth)
     xs = smoothed_input(b, x, smooth, known)
-    s = per_token_scale(b, xs, act_qmax(int(bits), format))
     dtype = TensorProto.FLOAT8E4M3FN if format == "fp8" else TensorProto.INT8
-    return _per_token_codes(b, xs, s, k, dtype, _rank(x)), s
+    if static_rank(x) == 1:  # one token: quantized as a [1, K] row (see _per_token_codes)
+        row = b.constant(np.array([0], np.int64))
+        rows = b("Unsqueeze", xs, row)
+        s = per_token_scale(b, rows, act_qmax(int(bits), format))
+        return b("Squeeze", _per_token_codes(b, rows, s, k, dtype), row), b("Squeeze", s, row)
+    s = per_token_scale(b, xs, act_qmax(int(bits), format))
+    return _per_token_codes(b, xs, s, k, dtype), s

@@ -122,6 +122,12 @@ def require_opset(ctx: ExportContext, needed: int, op_name: str, what: str, work
         )
 
 
+def static_rank(x) -> int | None:
+    """The rank of an exported value when the graph knows it (None otherwise)."""
+    shape = getattr(x, "shape", None)
+    return len(shape) if shape is not None else None
+
+
 def _numpy(t: torch.Tensor) -> np.ndarray:
     t = t.detach().cpu()
     if t.dtype == torch.float8_e4m3fn:

@@ -100,6 +100,7 @@ from .activation_quant import (
     per_token_scale,
     require_opset,
     smoothed_input,
+    static_rank,
     uint8_codes_per_token,
 )
 from .context import ExportContext
@@ -139,11 +140,6 @@ def _read(ctx: ExportContext, act_bits: int, x, qweight, scales, zeros, bias,
     that are not integers in 0..15)."""
     call = read_call(ctx, W4AX_OP_NAMES[act_bits], WEIGHT_BITS, x, qweight, scales, zeros, bias, group_size)
     return call, call.grid()
-
-
-def _rank(x) -> int | None:
-    shape = getattr(x, "shape", None)
-    return len(shape) if shape is not None else None
 
 
 def _matmulnbits(ctx: ExportContext, b: NodeBuilder, call: WeightOnlyCall, grid: UnsignedGrid, a, block_size: int,
@@ -188,10 +184,10 @@ def linear_w4ax_ort(act_bits: int):
         elif grid.num_groups == 1 and exact_in_float32(grid.in_features, act_bits):
             # Unit scales: MatMulNBits sums integers (exact); the channel scale follows, as in the op.
             unit = dataclasses.replace(grid, scales=np.ones_like(grid.scales))
-            acc = _matmulnbits(ctx, b, call, unit, codes, block_size, _rank(x))
+            acc = _matmulnbits(ctx, b, call, unit, codes, block_size, static_rank(x))
             acc = b("Mul", acc, ctx.initializer(f"{call.name}.wscales", np.ascontiguousarray(grid.scales[:, 0])))
         else:
-            acc = _matmulnbits(ctx, b, call, grid, codes, block_size, _rank(x))
+            acc = _matmulnbits(ctx, b, call, grid, codes, block_size, static_rank(x))
         y = finish_epilogue(b, b("Mul", acc, s), None, bias, known.bias)
         return in_input_dtype(b, y, x, known.x)
 
@@ -212,7 +208,7 @@ def linear_w4ax_qdq(act_bits: int):
         b = ScriptNodes(ctx.opset)
         known = Float32Inputs.of(x, bias, smooth)
         xs = smoothed_input(b, x, smooth, known)
-        rank1 = _rank(x) == 1
+        rank1 = static_rank(x) == 1
         if rank1:  # ONNX Runtime reads a one-element scale [1] as per-tensor and refuses block_size
             axis0 = b.constant(np.array([0], np.int64))
             xs = b("Unsqueeze", xs, axis0)

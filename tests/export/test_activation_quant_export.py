@@ -321,11 +321,10 @@ def test_opset_too_low_is_named(tmp_path, exports, flavor, opset, needed, op):
 
 
 def test_qdq_one_dimensional_input(tmp_path, seed):
-    """A 1-D input (one token) has one activation scale; ONNX Runtime rejects a blocked
-    QuantizeLinear whose scale is a single element of a 1-D tensor, so the "qdq" flavor
-    writes per-tensor Q/DQ for it. Exact against the torch op with ONNX Runtime's graph
-    optimizations off; at the default level its QDQ fusion runs its own integer MatMul,
-    within int8 quantization error of the float model."""
+    """A 1-D input (one token) has one activation scale; ONNX Runtime refuses a blocked
+    QuantizeLinear whose scale has one element, so the "qdq" flavor quantizes it as a
+    ``[1, K]`` row and squeezes after the MatMul. Both with ONNX Runtime's graph
+    optimizations off and at the default level (whose QDQ fusion must not take over)."""
     import onnxruntime as ort
 
     torch.manual_seed(seed)
@@ -334,14 +333,12 @@ def test_qdq_one_dimensional_input(tmp_path, seed):
     qm = qcompile.quantize(model, (x,), recipe=qcompile.Recipe(weight_bits=8, activation_bits=8), progress=False)
     result = to_onnx(qm, tmp_path / "one_d.onnx", flavor="qdq")
     with torch.no_grad():
-        expected, reference = qm(x).numpy(), model(x).numpy()
+        expected = qm(x).numpy()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     plain = ort.InferenceSession(str(result.path), options, providers=["CPUExecutionProvider"])
-    (got,) = plain.run(None, onnx_feeds(qm, (x,)))
-    # float32 GEMM of the dequantized operands against the torch op's int32 accumulation
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
-    (fused,) = inference_session(result.path).run(None, onnx_feeds(qm, (x,)))
-    # int8 activations and weights: ~1% relative error of the float output, like the torch op's
-    assert np.linalg.norm(fused - reference) / np.linalg.norm(reference) < 3e-2
-    assert np.linalg.norm(expected - reference) / np.linalg.norm(reference) < 3e-2
+    for session in (plain, inference_session(result.path)):
+        (got,) = session.run(None, onnx_feeds(qm, (x,)))
+        assert got.shape == expected.shape == (N,)
+        # float32 GEMM of the dequantized operands against the torch op's int32 accumulation
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
