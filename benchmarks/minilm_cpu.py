@@ -33,7 +33,9 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -189,6 +191,26 @@ class QuietWaiter:
             if other is None or other < self.threshold:
                 return
             self.waited += 1.0
+
+
+def run_cases(cases: Sequence[object], bench: Callable, *, label: str, name: Callable[[object], str],
+              prefix: str, head: Sequence[str], align: str) -> None:
+    """Run ``bench(case, folder, waiter) -> (table rows, CPU-share note)`` for every case, with one
+    temporary folder for the files and one :class:`QuietWaiter`; emit the joined table, each
+    case's CPU share and the time waited for a quiet machine."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    waiter = QuietWaiter(budget_s=60)
+    table, shares = [], []
+    for case in cases:
+        rows, share = bench(case, folder, waiter)
+        table += rows
+        shares.append(f"{name(case)}: {share}")
+        print(f"  [{label}] {name(case)}: done", file=sys.stderr, flush=True)
+    emit(markdown_table(head, table, align=align))
+    emit("")
+    for line in shares:
+        emit(f"- {line}")
+    emit(f"- waited {waiter.waited:.0f} s for a quiet machine before timing; files in {folder}")
 
 
 def load_average() -> str:

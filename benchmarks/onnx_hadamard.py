@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +44,7 @@ from qcompile.hadamard import apply_hadamard, hadamard_matrix, random_signs, rot
 from qcompile.kernels.hadamard import hadamard_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from minilm_cpu import QuietWaiter, quietest_timings, emit, header, markdown_table  # noqa: E402
+from minilm_cpu import QuietWaiter, emit, header, quietest_timings, run_cases  # noqa: E402
 
 DIMS = (384, 1536, 4096)
 MAX_LEFT = 512  # splits with a larger left factor are not timed (slow, and their [L, L] grows)
@@ -162,20 +161,13 @@ def main() -> None:
          f"{args.threads}, inter_op_num_threads=1, session.intra_op.allow_spinning=0, CPUExecutionProvider")
     emit(f"- {args.rows} rows, float32, random +-1 signs; {args.repeat} interleaved rounds after 2 warm-up calls")
     emit("")
-    folder = Path(tempfile.mkdtemp(prefix="onnx_hadamard_"))
-    waiter = QuietWaiter(budget_s=60)
-    table, shares = [], []
-    for n in args.dims:
-        rows, share = bench_dim(n, args.rows, args.threads, args.repeat, folder, waiter)
-        table += rows
-        shares.append(f"{n}: {share}")
-        print(f"  [hadamard] n = {n}: done", file=sys.stderr, flush=True)
-    emit(markdown_table(["n", "candidate", "ms (median)", "x dense MatMul time", "max rel. error vs torch op"],
-                        table, align="llrrr"))
-    emit("")
-    for line in shares:
-        emit(f"- {line}")
-    emit(f"- waited {waiter.waited:.0f} s for a quiet machine before timing; files in {folder}")
+
+    def bench(n, folder, waiter):
+        return bench_dim(n, args.rows, args.threads, args.repeat, folder, waiter)
+
+    run_cases(args.dims, bench, label="hadamard", name=str, prefix="onnx_hadamard_",
+              head=["n", "candidate", "ms (median)", "x dense MatMul time", "max rel. error vs torch op"],
+              align="llrrr")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,7 @@ from qcompile.kernels import W4_ACT_QUANT_LINEAR_OPS
 from qcompile.quantizers import dequantize_weight, quantize_weight_rtn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from minilm_cpu import QuietWaiter, quietest_timings, emit, header, markdown_table  # noqa: E402
+from minilm_cpu import QuietWaiter, emit, header, quietest_timings, run_cases  # noqa: E402
 
 SHAPES = [(384, 384), (1536, 384)]  # (K, N)
 # (label, activation bits, group size (None: per-channel), flavor, accuracy_level)
@@ -145,20 +144,14 @@ def main() -> None:
     emit(f"- M = {args.rows} rows, float32 activations, bias, no smoothing, asymmetric RTN weights; "
          f"{args.repeat} interleaved rounds after 3 warm-up calls")
     emit("")
-    folder = Path(tempfile.mkdtemp(prefix="onnx_w4ax_ops_"))
-    waiter = QuietWaiter(budget_s=60)
-    table, shares = [], []
-    for k, n in SHAPES:
-        rows, share = bench_shape(k, n, args.rows, args.threads, args.repeat, folder, waiter)
-        table += rows
-        shares.append(f"{k}x{n}: {share}")
-        print(f"  [w4ax ops] {k}x{n}: done", file=sys.stderr, flush=True)
-    emit(markdown_table(["K x N", "candidate", "ms (median)", "x fp32 MatMul time", "bit-identical to torch op",
-                         "max rel. error vs torch op"], table, align="llrrrr"))
-    emit("")
-    for line in shares:
-        emit(f"- {line}")
-    emit(f"- waited {waiter.waited:.0f} s for a quiet machine before timing; files in {folder}")
+
+    def bench(case, folder, waiter):
+        return bench_shape(*case, args.rows, args.threads, args.repeat, folder, waiter)
+
+    run_cases(SHAPES, bench, label="w4ax ops", name=lambda case: f"{case[0]}x{case[1]}",
+              prefix="onnx_w4ax_ops_",
+              head=["K x N", "candidate", "ms (median)", "x fp32 MatMul time", "bit-identical to torch op",
+                    "max rel. error vs torch op"], align="llrrrr")
 
 
 if __name__ == "__main__":

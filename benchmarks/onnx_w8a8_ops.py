@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +55,7 @@ from qcompile.export.activation_quant import (
 from qcompile.export.node_builder import FunctionNodes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from minilm_cpu import QuietWaiter, quietest_timings, emit, header, markdown_table  # noqa: E402
+from minilm_cpu import QuietWaiter, emit, header, quietest_timings, run_cases  # noqa: E402
 
 SHAPES = [(384, 384), (384, 1536), (1536, 384)]  # (K, N)
 F32 = Float32Inputs(x=True, bias=True)
@@ -197,20 +196,14 @@ def main() -> None:
     emit(f"- M = {args.rows} rows, float32 activations, bias, no smoothing; {args.repeat} interleaved rounds "
          "after 3 warm-up calls")
     emit("")
-    folder = Path(tempfile.mkdtemp(prefix="onnx_w8a8_ops_"))
-    waiter = QuietWaiter(budget_s=60)
-    table, shares = [], []
-    for k, n in SHAPES:
-        rows, share = bench_shape(k, n, args.rows, args.threads, args.repeat, folder, waiter)
-        table += rows
-        shares.append(f"{k}x{n}: {share}")
-        print(f"  [w8a8 ops] {k}x{n}: done", file=sys.stderr, flush=True)
-    emit(markdown_table(["K x N", "candidate", "ms (median)", "x fp32 MatMul time", "bit-identical to torch op",
-                         "max rel. error vs torch op"], table, align="llrrrr"))
-    emit("")
-    for line in shares:
-        emit(f"- {line}")
-    emit(f"- waited {waiter.waited:.0f} s for a quiet machine before timing; files in {folder}")
+
+    def bench(case, folder, waiter):
+        return bench_shape(*case, args.rows, args.threads, args.repeat, folder, waiter)
+
+    run_cases(SHAPES, bench, label="w8a8 ops", name=lambda case: f"{case[0]}x{case[1]}",
+              prefix="onnx_w8a8_ops_",
+              head=["K x N", "candidate", "ms (median)", "x fp32 MatMul time", "bit-identical to torch op",
+                    "max rel. error vs torch op"], align="llrrrr")
 
 
 if __name__ == "__main__":
