@@ -1,11 +1,13 @@
-"""Assign precision: choose each linear's weight format by an integer linear program.
+"""Assign precision: choose each linear's format by an integer linear program.
 
 Runs only for recipes with a ``budget`` (``qcompile.Budget``). For every quantizable
-linear and every candidate format of ``recipe.candidates`` (``qcompile.weight_formats``),
+linear and every candidate format of ``recipe.candidates`` (``qcompile.weight_formats``:
+weight-only, or with the input quantized per token to INT8 / INT4),
 the sensitivity ``Ω_l(c)`` (``qcompile.sensitivity``, method ``recipe.sensitivity``, cached
 in ``ctx.analyses``) and the costs (``qcompile.cost_model``: nominal bits, stored bytes,
 BOPs, roofline latency) are computed; ``qcompile.precision_ilp`` then picks one format per
-layer minimizing ``Σ Ω`` under the budget's limits. Layers the recipe keeps float
+layer minimizing ``Σ Ω`` under the budget's limits, linears that read the same activation
+taking the same activation width (:func:`activation_ties`). Layers the recipe keeps float
 (``keep_float``, ``min_in_features``) and layers matched by ``recipe.precision_pins`` are
 fixed to their format and count in the totals (when every layer is fixed, no sensitivity is
 measured and the report's Ω are 0). An infeasible budget raises
@@ -81,6 +83,19 @@ def budget_constraints(budget, costs, formats, sizes) -> list[BudgetConstraint]:
     return out
 
 
+def activation_ties(nodes: list[fx.Node], formats, pins: list[str | None]) -> tuple[list[list[int]], np.ndarray]:
+    """Linears reading one activation share its activation format (one quantization of that
+    tensor feeds them all): groups of indices into ``nodes`` by their input node, and each
+    format's activation width as its tie class. Layers kept float (they read the float
+    tensor whatever the others do) and groups of one layer are left out."""
+    by_input: dict[fx.Node, list[int]] = {}
+    for i, node in enumerate(nodes):
+        if pins[i] != "float":
+            by_input.setdefault(node.args[0], []).append(i)
+    groups = [g for g in by_input.values() if len(g) > 1]
+    return groups, np.array([f.act_bits for f in formats])
+
+
 def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     recipe = ctx.recipe
     if recipe.budget is None:
@@ -104,15 +119,17 @@ def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         table = _sensitivity(gm, ctx, nodes, formats)
     costs, sizes = linear_costs(gm, nodes)
     constraints = budget_constraints(recipe.budget, costs, formats, sizes)
+    ties, classes = activation_ties(nodes, formats, pins)
     try:
-        result = solve_assignment(table.omega, constraints, allowed)
+        result = solve_assignment(table.omega, constraints, allowed, ties, tie_classes=classes)
     except BudgetInfeasibleError as exc:
         pinned = sum(p is not None for p in pins)
         raise BudgetInfeasibleError(
             f"recipe {recipe.name!r}, {len(nodes)} linears ({pinned} pinned), candidates {columns}: {exc}",
             exc.smallest) from exc
     ctx.analyses["precision"] = {"sensitivity": table, "costs": costs, "sizes": sizes, "formats": formats,
-                                 "allowed": allowed, "constraints": constraints, "assignment": result}
+                                 "allowed": allowed, "constraints": constraints, "ties": ties,
+                                 "tie_classes": classes, "assignment": result}
     for i, (node, name) in enumerate(zip(nodes, names)):
         fmt = formats[result.choice[i]]
         node.meta[PRECISION_META] = fmt

@@ -33,7 +33,9 @@ one stage's Hessians are held at a time. Streaming (``qcompile.streaming``) runs
 A linear carrying ``node.meta['qcompile.precision']`` (a ``WeightFormat`` chosen by
 ``assign_precision`` under a budget) is rounded to that format instead of the recipe's
 ``weight_bits`` / ``group_size`` / ``symmetric`` (int8 per-channel symmetric, a 3/4-bit
-grid in groups, or left float); method and range search stay the recipe's.
+grid in groups, or left float); a format that also quantizes activations gets per-token
+dynamic INT8 / INT4 activations as above (``linear_w8a8``, ``linear_w4a8`` / ``linear_w4a4``).
+Method and range search stay the recipe's.
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ from qcompile.quantizers import QuantizedWeight, dequantize_weight, quantize_wei
 from qcompile.recipe import Recipe
 from qcompile.sequential import run_stages
 from qcompile.stages import find_stages, stage_module
-from qcompile.weight_formats import PRECISION_META
+from qcompile.weight_formats import PRECISION_META, effective_group
 
 
 def _input_stats(gm: fx.GraphModule, ctx: PassContext):
@@ -166,6 +168,9 @@ def _quantize_linear(gm: fx.GraphModule, node: fx.Node, recipe: Recipe, stats, l
         return False
     row["float_bytes"] = weight.numel() * weight.element_size()
     layer_stats = stats[name] if stats else None
+    chosen = target.meta.get(PRECISION_META)  # the per-layer choice of assign_precision (on the graph's node)
+    if chosen is not None and chosen.quantizes_activations and not chosen.is_float:
+        return _quantize_chosen_w_a(recipe, weight, chosen, layer_stats, row, target)
     if recipe.activation_bits != 16 and recipe.weight_storage_bits == 8:
         aq = _act_quant_weight(recipe, weight, layer_stats, row)
         target.meta[ACTQ_META] = aq
@@ -173,7 +178,6 @@ def _quantize_linear(gm: fx.GraphModule, node: fx.Node, recipe: Recipe, stats, l
         return True
     bits, symmetric = recipe.weight_bits, recipe.symmetric
     group, note = weight_group_size(recipe, in_features)
-    chosen = target.meta.get(PRECISION_META)  # the per-layer choice of assign_precision (on the graph's node)
     if chosen is not None and chosen.is_float:
         row.update(format="float", bits=weight.element_size() * 8, bytes=row["float_bytes"],
                    note="kept float by the precision budget")
@@ -196,6 +200,32 @@ def _quantize_linear(gm: fx.GraphModule, node: fx.Node, recipe: Recipe, stats, l
         group_size=group,
         bytes=qweight.nbytes,
         note=_join_notes(note, row.pop("gptq_note", "")),
+    )
+    return True
+
+
+def _quantize_chosen_w_a(recipe: Recipe, weight: torch.Tensor, chosen, stats, row: dict, target: fx.Node) -> bool:
+    """A linear whose chosen format (assign_precision) also quantizes its input per token:
+    8-bit weights with INT8 activations (``ActQuantWeight``, lowered to ``linear_w8a8``) or a
+    3/4-bit grid with INT8 / INT4 activations (lowered to ``linear_w4a8`` / ``linear_w4a4``)."""
+    if chosen.grid_bits == 8:
+        qw = _round(recipe, weight, 8, None, True, stats, row)
+        target.meta[ACTQ_META] = aq = ActQuantWeight(qw.qweight, qw.scales.reshape(-1), "int8", None)
+        row.update(format=f"int8 w per-channel{_method_label(recipe)}, a int8 per-token", bits=8, bytes=aq.nbytes,
+                   note=row.pop("gptq_note", ""))
+        return True
+    in_features = weight.shape[1]
+    group = effective_group(chosen, in_features)
+    note = "" if group == chosen.group_size else \
+        f"in_features {in_features} not divisible by group {chosen.group_size}: per-channel"
+    qweight = _round(recipe, weight, chosen.grid_bits, group, chosen.symmetric, stats, row)
+    target.meta[QWEIGHT_META] = qweight
+    target.meta[ACT_BITS_META] = chosen.act_bits
+    row.update(
+        format=f"int{chosen.grid_bits} " + (f"g{group}" if group else "per-channel")
+        + (" sym" if chosen.symmetric else " asym") + _clip_label(recipe, stats) + _method_label(recipe)
+        + f", a int{chosen.act_bits} per-token",
+        bits=chosen.grid_bits, group_size=group, bytes=qweight.nbytes, note=_join_notes(note, row.pop("gptq_note", "")),
     )
     return True
 

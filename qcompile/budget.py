@@ -1,7 +1,7 @@
 """``qcompile.Budget``: the limits a per-layer precision choice must meet, validated data.
 
 A recipe with ``budget=Budget(...)`` has ``passes/assign_precision.py`` choose each linear's
-weight format among ``recipe.candidates`` (an integer linear program minimizing the summed
+format (weights, and activations where a candidate quantizes them) among ``recipe.candidates`` (an integer linear program minimizing the summed
 sensitivity) so that every limit given holds. The totals cover every quantizable linear,
 including those pinned by ``keep_float``, ``min_in_features`` or ``precision_pins``.
 """
@@ -28,7 +28,7 @@ def _positive(name: str, value: Any) -> float | None:
 
 @dataclass(frozen=True)
 class Budget:
-    """Limits on the quantizable linears' weights; give at least one.
+    """Limits on the quantizable linears; give at least one.
 
     Attributes:
         avg_bits: mean nominal bits per weight (a 3-bit grid counts 3 although it is stored
@@ -36,7 +36,8 @@ class Budget:
             parameter count.
         bytes: total stored weight bytes (codes, scales and zero points; float weights at
             their dtype's size).
-        bops: total bit operations ``Σ M·N·K·bits_w·bits_a`` at the sizes below.
+        bops: total bit operations ``Σ M·N·K·bits_w·bits_a`` at the sizes below (``bits_a``
+            16 for weight-only formats, 8 / 4 for candidates that quantize activations).
         latency_ms: total roofline latency of the linears on ``device`` at the sizes below
             (``qcompile.cost_model``).
         device: the device profile of ``latency_ms`` (``"cpu"`` or ``"h100"``).
@@ -105,7 +106,8 @@ def check_precision_fields(recipe: Any) -> None:
         return
     if recipe.activation_bits != 16:
         raise RecipeError(
-            f"a budget chooses among weight-only formats: it needs activation_bits=16, got {recipe.activation_bits}")
-    if any(CANDIDATE_NAMES[c] in (3, 4) for c in recipe.candidates) and recipe.group_size is not None \
+            "a budget chooses each layer's activation format among its candidates (e.g. 'w8a8', 'w4a8'): "
+            f"it needs activation_bits=16, got {recipe.activation_bits}")
+    if any(CANDIDATE_NAMES[c][0] in (3, 4) for c in recipe.candidates) and recipe.group_size is not None \
             and recipe.group_size % 2:
         raise RecipeError(f"3/4-bit candidates need an even group_size, got {recipe.group_size}")

@@ -232,30 +232,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.graph:
         print()
         print(qm.graph_module.print_readable(print_output=False))
-    if args.pareto:
-        _print_pareto(qm.report(), args.pareto)
+    if args.pareto or args.pareto_png:
+        _print_pareto(qm.report(), args.pareto or 11, args.pareto_png)
     return 0
 
 
-def _print_pareto(report, points: int) -> None:
-    """The budget sweep of a budget recipe: least Σ Ω per average-bits limit."""
-    from .errors import RecipeError
-    from .passes.assign_precision import budget_constraints
-    from .precision_ilp import budget_sweep
-    from .budget import Budget
+def _print_pareto(report, points: int, png: str | None) -> None:
+    """The budget sweep of a budget recipe: least Σ Ω per limit of its (first) budget."""
+    from .pareto import pareto_frontier, plot_frontier
 
-    problem = report.precision
-    if problem is None:
-        raise RecipeError("--pareto needs a recipe with a budget (e.g. --recipe auto)")
-    con = budget_constraints(Budget(avg_bits=1.0), problem["costs"], problem["formats"], problem["sizes"])[0]
-    lo = float((con.costs.min(1, where=problem["allowed"], initial=np.inf)).sum() * con.scale)
-    hi = float((con.costs.max(1, where=problem["allowed"], initial=0.0)).sum() * con.scale)
-    values = [lo + (hi - lo) * i / max(points - 1, 1) for i in range(points)]
-    print(f"\nPareto frontier (Σ Ω, sensitivity {problem['sensitivity'].method}, against average bits):")
-    print(f"  {'avg bits limit':>14} {'avg bits used':>13} {'Σ Ω':>12}")
-    for value, objective, used in budget_sweep(problem["sensitivity"].omega, con, values, problem["allowed"]):
-        cells = ("infeasible", "") if objective is None else (f"{used:.3f}", f"{objective:.4e}")
-        print(f"  {value:>14.3f} {cells[0]:>13} {cells[1]:>12}")
+    frontier = pareto_frontier(report.precision, points)
+    print(f"\nPareto frontier (Σ Ω, sensitivity {frontier.method}, against {frontier.unit}):")
+    print(f"  {frontier.budget + ' limit':>16} {frontier.budget + ' used':>16} {'Σ Ω':>12}")
+    for value, objective, used in frontier.points:
+        cells = ("infeasible", "") if objective is None else (f"{used:.6g}", f"{objective:.4e}")
+        print(f"  {value:>16.6g} {cells[0]:>16} {cells[1]:>12}")
+    print(f"  recipe's choice: {frontier.budget} {frontier.chosen[0]:.6g}, Σ Ω {frontier.chosen[1]:.4e}")
+    if png:
+        print(f"wrote {plot_frontier(frontier, png)}")
 
 
 def _inspect_onnx(path: Path) -> int:
@@ -310,7 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(insp)
     insp.add_argument("--graph", action="store_true", help="also print the rewritten graph")
     insp.add_argument("--pareto", type=int, default=0, metavar="N",
-                      help="with a budget recipe: print the Pareto frontier (least Σ Ω at N average-bits limits)")
+                      help="with a budget recipe: print the Pareto frontier (least Σ Ω at N limits of the "
+                           "recipe's budget, from the cheapest assignment to the dearest)")
+    insp.add_argument("--pareto-png", metavar="PATH",
+                      help="also plot the frontier (11 points unless --pareto N) to a PNG file (needs matplotlib)")
     insp.set_defaults(fn=cmd_inspect)
     return parser
 

@@ -8,11 +8,15 @@ other symbols keep their names. Per weight format ``c`` (:mod:`qcompile.weight_f
 * ``flops = 2·M·N·K``;
 * ``bytes = weight_bytes(c) + act_bytes·M·(K + N)`` (weights once, input read and output
   written in 16-bit activations, or in the model's float width when kept float);
-* ``bops = M·N·K · bits_w(c) · bits_a`` (bit operations, HAWQ-V3's measure; weight-only
-  formats keep 16-bit activations; float layers use the float width for both);
+* ``bops = M·N·K · bits_w(c) · bits_a(c)`` (bit operations, HAWQ-V3's measure; weight-only
+  formats keep 16-bit activations, the others 8 or 4; float layers use the float width
+  for both);
 * roofline ``latency = max(flops / peak, bytes / bandwidth)`` for a :class:`DeviceProfile`
-  (the peak of 16-bit compute, which the weight-only kernels use, or of float32 for a
-  float32 layer kept float).
+  (the peak of 16-bit compute, which the weight-only kernels use; of INT8 compute for
+  formats with quantized activations — INT4 activations run as INT8 dots, as the
+  ``linear_w4a4`` kernels do; of float32 for a float32 layer kept float). Activations are
+  read and written in 16 bits in every quantized format: the per-token quantization reads
+  the float input inside the kernel.
 
 Expressions are evaluated at concrete sizes (:meth:`LinearCost.evaluate`; by default the
 sizes of the example inputs the graph was captured with).
@@ -34,11 +38,12 @@ __all__ = ["DeviceProfile", "DEVICE_PROFILES", "LinearCost", "linear_costs", "si
 @dataclass(frozen=True)
 class DeviceProfile:
     """Peak rates of a device for the roofline: FLOP/s of 16-bit and 32-bit float matmul,
-    and memory bandwidth in bytes/s."""
+    OP/s of INT8 matmul, and memory bandwidth in bytes/s."""
 
     name: str
     peak_flops_16: float
     peak_flops_32: float
+    peak_ops_8: float
     bandwidth: float
     source: str
 
@@ -47,11 +52,13 @@ DEVICE_PROFILES: dict[str, DeviceProfile] = {
     # measured on the 2-core CPU dev machine (torch 2.13, 2 threads): a bf16 matmul
     # 1024x2048x2048 runs at ~400 GFLOP/s and float32 at ~190 GFLOP/s; the weight-only
     # kernels stream weights at ~9 GB/s (FINDINGS.md: M=8, K=N=4096 int4 1.0 ms, int8 1.9 ms,
-    # bf16 3.4 ms), below the ~33 GB/s of a plain copy
-    "cpu": DeviceProfile("cpu", 4.0e11, 1.9e11, 9.0e9,
-                         "2-core CPU dev machine: bf16/fp32 matmul and weight-only kernel streaming rate"),
-    # NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16, 495 TFLOP/s tf32, 3.35 TB/s HBM3
-    "h100": DeviceProfile("h100", 9.89e14, 4.95e14, 3.35e12, "NVIDIA H100 SXM datasheet (dense)"),
+    # bf16 3.4 ms), below the ~33 GB/s of a plain copy; torch._int_mm at the same
+    # 1024x2048x2048 runs 1.3x faster than the bf16 matmul (measured in one run, 2 threads)
+    "cpu": DeviceProfile("cpu", 4.0e11, 1.9e11, 5.2e11, 9.0e9,
+                         "2-core CPU dev machine: bf16/fp32/int8 matmul and weight-only kernel streaming rate"),
+    # NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16, 495 TFLOP/s tf32, 1979 TOP/s dense
+    # INT8, 3.35 TB/s HBM3
+    "h100": DeviceProfile("h100", 9.89e14, 4.95e14, 1.979e15, 3.35e12, "NVIDIA H100 SXM datasheet (dense)"),
 }
 
 
@@ -101,13 +108,14 @@ class LinearCost:
         return 2 * self.tokens * self.out_features * self.in_features
 
     def act_bits(self, fmt: WeightFormat) -> int:
-        return self.float_bits if fmt.is_float else 16
+        """Bits of the activations the matmul computes with."""
+        return self.float_bits if fmt.is_float else fmt.act_bits
 
     def weight_bytes(self, fmt: WeightFormat) -> int:
         return weight_bytes(fmt, self.out_features, self.in_features, self.float_bits // 8)
 
     def bytes(self, fmt: WeightFormat) -> sympy.Expr:
-        act = self.act_bits(fmt) // 8
+        act = self.float_bits // 8 if fmt.is_float else 2  # float input read, float output written
         return self.weight_bytes(fmt) + act * self.tokens * (self.in_features + self.out_features)
 
     def bops(self, fmt: WeightFormat) -> sympy.Expr:
@@ -115,7 +123,8 @@ class LinearCost:
 
     def latency(self, fmt: WeightFormat, device: DeviceProfile) -> sympy.Expr:
         """Roofline seconds."""
-        peak = device.peak_flops_32 if self.act_bits(fmt) > 16 else device.peak_flops_16
+        bits = self.act_bits(fmt)
+        peak = device.peak_flops_32 if bits > 16 else device.peak_flops_16 if bits == 16 else device.peak_ops_8
         return sympy.Max(self.flops() / peak, self.bytes(fmt) / device.bandwidth)
 
     def evaluate(self, expr: sympy.Expr, sizes: dict[str, int]) -> float:

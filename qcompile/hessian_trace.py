@@ -21,8 +21,9 @@ The loss (``loss=``):
   Hessian there is the Gauss-Newton (Fisher) matrix.
 * ``"mse"`` — the mean squared difference of the first output from the float model's
   (also Gauss-Newton at the float point); suited to embedding outputs.
-* ``"auto"`` — ``"lm"`` when the first output looks like logits over an integer input
-  (:func:`detect_loss`), else ``"kl"``.
+* ``"auto"`` — ``"lm"`` when the first output looks like logits over an integer input,
+  else ``"kl"`` when it is computed by a linear (a classifier head), else ``"mse"``
+  (hidden states or embeddings) (:func:`detect_loss`).
 
 The CPU flash-attention kernel has no double backward, so in the copy of the graph that is
 differentiated ``aten.scaled_dot_product_attention`` runs the math implementation (output
@@ -106,12 +107,44 @@ def label_input(flat_inputs: list[Any], logits: torch.Tensor) -> int | None:
     return None
 
 
+_SHAPE_OPS = {"view", "reshape", "_unsafe_view", "squeeze", "unsqueeze", "permute", "transpose", "t", "clone",
+              "contiguous", "_to_copy", "flatten", "expand", "select", "slice"}
+
+
+def _first_float_output_node(gm: fx.GraphModule) -> fx.Node | None:
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    flat = output.args[0] if isinstance(output.args[0], (list, tuple)) else (output.args[0],)
+    for node in flat:
+        val = node.meta.get("val") if isinstance(node, fx.Node) else None
+        if isinstance(val, torch.Tensor) and val.is_floating_point():
+            return node
+    return None
+
+
+def output_is_linear(gm: fx.GraphModule) -> bool:
+    """Whether the graph's first float output is computed by a linear (through views): the
+    logits of a head, as opposed to hidden states or embeddings out of a norm or pooling."""
+    node = _first_float_output_node(gm)
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        if name in ("linear", "addmm", "mm", "matmul"):
+            return True
+        if name not in _SHAPE_OPS:
+            return False
+        node = node.args[0]
+    return False
+
+
 def detect_loss(gm: fx.GraphModule, flat_inputs: list[Any]) -> str:
     """``"lm"`` when the graph's first float output is logits ``[..., T, V]`` over an integer
-    input ``[..., T]`` with ids in ``[0, V)``, else ``"kl"``."""
+    input ``[..., T]`` with ids in ``[0, V)``; else ``"kl"`` when that output comes from a
+    linear (a classifier's logits), ``"mse"`` when it does not (hidden states, embeddings:
+    a softmax over their channels means nothing)."""
     with torch.no_grad():
         logits = first_float_output(gm(*flat_inputs))
-    return "lm" if label_input(flat_inputs, logits) is not None else "kl"
+    if label_input(flat_inputs, logits) is not None:
+        return "lm"
+    return "kl" if output_is_linear(gm) else "mse"
 
 
 def loss_value(kind: str, out: torch.Tensor, reference: torch.Tensor | None, labels: torch.Tensor | None):

@@ -4,7 +4,9 @@ Given ``omega[l, c]`` (sensitivity of layer ``l`` to candidate ``c``) and budget
 ``Σ_l cost_k[l, c_l] ≤ limit_k``, choose one candidate per layer minimizing ``Σ_l
 omega[l, c_l]``. Variables are one-hot binaries ``x[l, c]`` (``Σ_c x[l, c] = 1``);
 candidates a layer may not take (pinned layers, formats that do not apply) have upper bound
-0; tie groups force their layers to the same candidate (``x[a, c] = x[b, c]``). Solved by
+0; tie groups force their layers to the same candidate (``x[a, c] = x[b, c]``) or, with
+``tie_classes`` (a class per candidate, e.g. its activation format), to candidates of the
+same class (``Σ_{c ∈ k} x[a, c] = Σ_{c ∈ k} x[b, c]`` for every class ``k``). Solved by
 ``scipy.optimize.milp`` (HiGHS branch and cut) to within a relative optimality gap
 (``mip_rel_gap``, HiGHS's default 1e-4; 0 proves the exact optimum) or a time limit, after
 which the best assignment found is used and :attr:`Assignment.gap` says how far from proven
@@ -72,7 +74,22 @@ class Assignment:
     gap: float = 0.0
 
 
-def _solve(omega, constraints, allowed, ties, shrink, options=None):
+def _tie_rows(ties, tie_classes, layers: int, cands: int) -> list[np.ndarray]:
+    """Equality rows (right-hand side 0) tying each group's layers' candidate classes."""
+    classes = np.arange(cands) if tie_classes is None else np.asarray(tie_classes)
+    kinds = np.unique(classes)
+    rows = []
+    for group in ties:
+        for a, b in zip(group[:-1], group[1:]):
+            tie = np.zeros((len(kinds), layers * cands))
+            for r, kind in enumerate(kinds):
+                members = np.flatnonzero(classes == kind)
+                tie[r, a * cands + members], tie[r, b * cands + members] = 1.0, -1.0
+            rows.append(tie)
+    return rows
+
+
+def _solve(omega, constraints, allowed, ties, shrink, options=None, tie_classes=None):
     layers, cands = omega.shape
     n = layers * cands
     rows, lo, hi = [], [], []
@@ -85,23 +102,19 @@ def _solve(omega, constraints, allowed, ties, shrink, options=None):
         row = con.costs.reshape(1, n) / (abs(limit) if limit else 1.0)
         rhs = (limit / (abs(limit) if limit else 1.0)) * (1 + LIMIT_RTOL) - shrink[k]
         rows.append(row), lo.append(np.array([-np.inf])), hi.append(np.array([rhs]))
-    for group in ties:
-        for a, b in zip(group[:-1], group[1:]):
-            tie = np.zeros((cands, n))
-            for c in range(cands):
-                tie[c, a * cands + c], tie[c, b * cands + c] = 1.0, -1.0
-            rows.append(tie), lo.append(np.zeros(cands)), hi.append(np.zeros(cands))
+    for tie in _tie_rows(ties, tie_classes, layers, cands):
+        rows.append(tie), lo.append(np.zeros(len(tie))), hi.append(np.zeros(len(tie)))
     constraint = LinearConstraint(np.vstack(rows), np.concatenate(lo), np.concatenate(hi))
     upper = allowed.reshape(n).astype(float)
     return milp(omega.reshape(n), constraints=constraint, integrality=np.ones(n), bounds=Bounds(np.zeros(n), upper),
                 options=options)
 
 
-def _feasible_minimum(constraint_index, omega, constraints, allowed, ties) -> float | None:
+def _feasible_minimum(constraint_index, omega, constraints, allowed, ties, tie_classes) -> float | None:
     """The least total of constraint ``constraint_index`` subject to the others (None if none)."""
     others = [c for i, c in enumerate(constraints) if i != constraint_index]
     target = constraints[constraint_index]
-    result = _solve(target.costs, others, allowed, ties, [0.0] * len(others))
+    result = _solve(target.costs, others, allowed, ties, [0.0] * len(others), tie_classes=tie_classes)
     if result.status != 0:
         return None
     choice = _choice(result.x, omega.shape)
@@ -118,6 +131,7 @@ def solve_assignment(
     allowed: np.ndarray | None = None,
     ties: list[list[int]] = (),
     *,
+    tie_classes: np.ndarray | None = None,
     mip_rel_gap: float = 1e-4,
     time_limit: float | None = None,
 ) -> Assignment:
@@ -127,7 +141,9 @@ def solve_assignment(
         omega: ``[L, C]`` finite sensitivities.
         constraints: budgets, each with costs ``[L, C]``.
         allowed: boolean ``[L, C]``; default all.
-        ties: groups of layer indices that must take the same candidate.
+        ties: groups of layer indices that must take the same candidate, or with
+            ``tie_classes`` candidates of the same class.
+        tie_classes: ``[C]`` class label per candidate (default: each its own class).
         mip_rel_gap: stop when the objective is proven within this relative gap of optimal.
         time_limit: seconds; then the best feasible assignment found is returned (with its
             gap), or a RuntimeError if none was found.
@@ -145,12 +161,15 @@ def solve_assignment(
     for con in constraints:
         if con.costs.shape != omega.shape or not np.isfinite(con.costs).all():
             raise ValueError(f"budget {con.name!r}: costs must be a finite array shaped like omega {omega.shape}")
+    if tie_classes is not None and np.asarray(tie_classes).shape != (omega.shape[1],):
+        raise ValueError(f"tie_classes must hold one class per candidate ({omega.shape[1]}), "
+                         f"got shape {np.asarray(tie_classes).shape}")
     shrink = [0.0] * len(constraints)
     options = {"mip_rel_gap": mip_rel_gap, **({"time_limit": time_limit} if time_limit is not None else {})}
     for _ in range(6):
-        result = _solve(omega, constraints, allowed, ties, shrink, options)
+        result = _solve(omega, constraints, allowed, ties, shrink, options, tie_classes)
         if result.status == 2:  # infeasible
-            raise _infeasible(omega, constraints, allowed, ties)
+            raise _infeasible(omega, constraints, allowed, ties, tie_classes)
         if result.status not in (0, 1) or result.x is None:  # 1: time limit, with a feasible point
             raise RuntimeError(f"the precision ILP did not solve: {result.message}")
         choice = _choice(result.x, omega.shape)
@@ -165,11 +184,11 @@ def solve_assignment(
     raise RuntimeError("the precision ILP kept exceeding a budget by the solver's tolerance")
 
 
-def _infeasible(omega, constraints, allowed, ties) -> BudgetInfeasibleError:
+def _infeasible(omega, constraints, allowed, ties, tie_classes) -> BudgetInfeasibleError:
     smallest: dict[str, float | None] = {}
     parts = []
     for k, con in enumerate(constraints):
-        least = _feasible_minimum(k, omega, constraints, allowed, ties)
+        least = _feasible_minimum(k, omega, constraints, allowed, ties, tie_classes)
         if least is None:
             smallest[con.name] = None
             continue
@@ -195,6 +214,7 @@ def _round_up(value: float, digits: int = 6) -> str:
 
 def budget_sweep(
     omega: np.ndarray, constraint: BudgetConstraint, values: list[float], allowed: np.ndarray | None = None,
+    ties: list[list[int]] = (), tie_classes: np.ndarray | None = None,
 ) -> list[tuple[float, float | None, float | None]]:
     """The Pareto frontier of Σ Ω against one budget: for each limit in ``values`` (in the
     budget's unit, e.g. average bits), ``(value, least Σ Ω, total used in the unit)``, with
@@ -203,7 +223,7 @@ def budget_sweep(
     for value in values:
         con = BudgetConstraint(constraint.name, constraint.costs, value / constraint.scale, constraint.scale)
         try:
-            result = solve_assignment(omega, [con], allowed)
+            result = solve_assignment(omega, [con], allowed, ties, tie_classes=tie_classes)
         except BudgetInfeasibleError:
             out.append((value, None, None))
             continue

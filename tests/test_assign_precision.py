@@ -17,7 +17,7 @@ import torch
 
 import qcompile
 from qcompile.budget import Budget
-from qcompile.errors import CalibrationError, RecipeError
+from qcompile.errors import CalibrationError, QcompileError, RecipeError
 from qcompile.graph_utils import QWEIGHT_META, call_nodes, layer_name, linear_weight, quantizable_linears
 from qcompile.kernels import WEIGHT_ONLY_LINEAR_OPS
 from qcompile.passes.assign_precision import assign_precision
@@ -33,14 +33,15 @@ def _rng() -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence().entropy)
 
 
-def _brute_force(omega, constraints, allowed, ties):
+def _brute_force(omega, constraints, allowed, ties, classes=None):
     best, best_choice = None, None
     layers, cands = omega.shape
+    classes = np.arange(cands) if classes is None else classes
     for choice in itertools.product(range(cands), repeat=layers):
         choice = np.array(choice)
         if not allowed[np.arange(layers), choice].all():
             continue
-        if any(len({choice[i] for i in group}) > 1 for group in ties):
+        if any(len({classes[choice[i]] for i in group}) > 1 for group in ties):
             continue
         if any(c.total(choice) > c.limit for c in constraints):
             continue
@@ -64,20 +65,24 @@ def test_ilp_optimum_equals_brute_force_on_small_instances():
             constraints.append(BudgetConstraint("other", other, float(rng.uniform(0.2, 1.0) * other.max(1).sum())))
         allowed = rng.random((layers, cands)) < 0.8
         allowed[np.arange(layers), rng.integers(0, cands, layers)] = True
-        ties = [sorted(rng.choice(layers, 2, replace=False).tolist())] if rng.random() < 0.4 else []
-        best, _ = _brute_force(omega, constraints, allowed, ties)
+        ties = [sorted(rng.choice(layers, int(rng.integers(2, layers + 1)), replace=False).tolist())
+                ] if rng.random() < 0.6 else []
+        # tie classes, e.g. the candidates' activation widths; None: tied layers take one candidate
+        classes = rng.integers(0, 2, cands) if rng.random() < 0.5 else None
+        best, _ = _brute_force(omega, constraints, allowed, ties, classes)
         if best is None:
             with pytest.raises(BudgetInfeasibleError):
-                solve_assignment(omega, constraints, allowed, ties)
+                solve_assignment(omega, constraints, allowed, ties, tie_classes=classes)
             infeasible += 1
             continue
-        result = solve_assignment(omega, constraints, allowed, ties, mip_rel_gap=0.0)
+        result = solve_assignment(omega, constraints, allowed, ties, tie_classes=classes, mip_rel_gap=0.0)
         # proven optimal (gap 0): the two sums of the same float64 terms agree to rounding
         assert result.objective == pytest.approx(best, rel=1e-9, abs=1e-12)
-        default = solve_assignment(omega, constraints, allowed, ties)
+        default = solve_assignment(omega, constraints, allowed, ties, tie_classes=classes)
         assert default.objective <= best * (1 + 1e-4) + 1e-12  # HiGHS's default relative gap
         assert allowed[np.arange(layers), result.choice].all()
-        assert all(len({result.choice[i] for i in g}) == 1 for g in ties)
+        tied = np.arange(cands) if classes is None else classes
+        assert all(len({tied[result.choice[i]] for i in g}) == 1 for g in ties)
         solved += 1
     assert solved >= 10  # the random limits leave most instances feasible
 
@@ -169,7 +174,7 @@ def _lowered_formats(gm):
 
 
 def test_auto_respects_avg_bits_and_lowers_to_the_chosen_ops(canonical_zoo):
-    recipe = PRESETS["auto"].replace(group_size=32, budget=Budget(avg_bits=4.3), clip_ratios=())
+    recipe = PRESETS["auto"].replace(sensitivity="local", group_size=32, budget=Budget(avg_bits=4.3), clip_ratios=())
     gm, ctx = _run_auto(canonical_zoo, recipe)
     rows = _lowered_formats(gm)
     assert not quantizable_linears(gm)  # every linear was lowered (none kept float)
@@ -190,7 +195,7 @@ def test_bytes_budget_measured_on_the_lowered_graph_with_pins(canonical_zoo):
     shapes = {layer_name(n): tuple(linear_weight(gm0, n).shape) for n in quantizable_linears(gm0)}
     float_bytes = 4 * shapes["lm_head"][0] * shapes["lm_head"][1]
     limit = 0.22 * sum(n * k * 4 for n, k in shapes.values()) + float_bytes
-    recipe = PRESETS["auto"].replace(group_size=32, clip_ratios=(), budget=Budget(bytes=limit),
+    recipe = PRESETS["auto"].replace(sensitivity="local", group_size=32, clip_ratios=(), budget=Budget(bytes=limit),
                                      precision_pins=(("lm_head", "float"), ("*.0.self_attn.q_proj", "w3")))
     gm, ctx = _run_auto(canonical_zoo, recipe)
     rows = _lowered_formats(gm)
@@ -202,7 +207,7 @@ def test_bytes_budget_measured_on_the_lowered_graph_with_pins(canonical_zoo):
 
 
 def test_every_layer_pinned_needs_no_sensitivity(canonical_zoo):
-    recipe = PRESETS["auto"].replace(clip_ratios=(), budget=Budget(avg_bits=8), precision_pins=(("*", "w8"),))
+    recipe = PRESETS["auto"].replace(sensitivity="local", clip_ratios=(), budget=Budget(avg_bits=8), precision_pins=(("*", "w8"),))
     gm, ctx = _run_auto(canonical_zoo, recipe)
     assert not any(isinstance(k, tuple) and k[0] == "sensitivity" for k in ctx.analyses)
     assert {r[0] for r in _lowered_formats(gm)} == {8} and not quantizable_linears(gm)
@@ -211,7 +216,7 @@ def test_every_layer_pinned_needs_no_sensitivity(canonical_zoo):
 
 
 def test_infeasible_budget_in_the_pass_names_recipe_and_smallest(canonical_zoo):
-    recipe = PRESETS["auto"].replace(budget=Budget(avg_bits=2.0), clip_ratios=())
+    recipe = PRESETS["auto"].replace(sensitivity="local", budget=Budget(avg_bits=2.0), clip_ratios=())
     with pytest.raises(BudgetInfeasibleError, match=r"recipe 'auto'.*smallest feasible avg_bits 3$") as info:
         _run_auto(canonical_zoo, recipe)
     assert info.value.smallest["avg_bits"] == pytest.approx(3.0)
@@ -223,7 +228,7 @@ def test_quantize_with_auto_preset_on_a_zoo_model():
     model, (args, kwargs), (args2, kwargs2) = zoo.build("bert")
     with pytest.raises(CalibrationError, match="budget"):
         qcompile.quantize(model, args, kwargs, recipe="auto")
-    qm = qcompile.quantize(model, args, kwargs, recipe={"preset": "auto", "group_size": 32},
+    qm = qcompile.quantize(model, args, kwargs, recipe={"preset": "auto", "group_size": 32, "hutchinson_samples": 4},
                            calibration=[kwargs, kwargs2], progress=False)
     report = qm.report()
     assert "Ω per candidate" in report.table()
@@ -250,13 +255,85 @@ def test_cli_inspect_prints_the_pareto_frontier(tmp_path, capsys):
     args, kwargs = loaded.example
     calib = tmp_path / "calib.pt"
     torch.save([kwargs if kwargs else tuple(args)] * 2, calib)
+    png = tmp_path / "frontier.png"
     assert main(["inspect", "tests.models.factories:tiny_llama", "--recipe", "auto", "--group-size", "32",
-                 "--calib", str(calib), "--pareto", "6"]) == 0
+                 "--calib", str(calib), "--pareto", "6", "--pareto-png", str(png)]) == 0
     out = capsys.readouterr().out
-    assert "Ω per candidate (chosen*)" in out
-    points = re.findall(r"^\s+(\d+\.\d+)\s+(\d+\.\d+)\s+(\S+)$", out, re.M)
+    assert "Ω per candidate (chosen*)" in out and "against average bits per weight" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.pt", "frontier.png"]  # no temporary left
+    chosen = re.search(r"recipe's choice: avg_bits (\S+), Σ Ω (\S+)", out)
+    assert float(chosen.group(1)) <= 4.5
+    points = re.findall(r"^\s+(\d[\d.]*)\s+(\d[\d.]*)\s+(\S+e[-+]\d+)$", out, re.M)
     assert [float(p[0]) for p in points] == pytest.approx([3.0, 4.0, 5.0, 6.0, 7.0, 8.0])  # int3 .. int8
     used = [float(p[1]) for p in points]
     omega = [float(p[2]) for p in points]
     assert all(u <= v + 1e-9 for u, v in zip(used, [float(p[0]) for p in points]))
     assert all(a >= b for a, b in zip(omega, omega[1:])) and omega[0] > omega[-1] > 0  # more bits, less Ω
+    # the recipe's own choice (4.5 bits) lies on the frontier: between the 4- and 5-bit points
+    assert omega[1] >= float(chosen.group(2)) >= omega[2]
+    with pytest.raises(QcompileError, match="does not exist"):
+        from qcompile.pareto import Frontier, plot_frontier
+
+        plot_frontier(Frontier("avg_bits", "hessian", [(3.0, 1.0, 3.0)], (3.0, 1.0)), tmp_path / "no" / "f.png")
+
+
+def test_activation_formats_chosen_per_layer_with_ties_and_bops_budget(canonical_zoo):
+    """Candidates that quantize activations: the ILP picks weight and activation formats per
+    layer under a BOPs budget, linears reading one tensor get one activation width, each
+    layer is lowered to its format's op, and the lowered graph computes what the fake
+    quantized layers compute."""
+    from qcompile.cost_model import linear_costs
+    from qcompile.graph_utils import ACT_BITS_META, ACTQ_META
+    from qcompile.kernels import ACTIVATION_QUANT_LINEAR_OPS, W4_ACT_QUANT_LINEAR_OPS
+    from qcompile.quantizers import dequantize_weight
+    from qcompile.weight_formats import fake_quantize_activation
+
+    gm, example, other = canonical_zoo("llama")
+    costs, sizes = linear_costs(gm, quantizable_linears(gm))
+    macs = sum(c.evaluate(c.tokens, sizes) * c.out_features * c.in_features for c in costs)
+    # bits_w·bits_a per MAC: w4a4 16, w4a8 32, w8a8 64, w8 128: 28 forces 4- and 8-bit activations
+    limit = 28 * macs
+    # the pin ties layer 0's k/v projections (same input as q) to 4-bit activations too
+    recipe = PRESETS["auto"].replace(group_size=32, clip_ratios=(), budget=Budget(bops=limit), hutchinson_samples=4,
+                                     candidates=("w4", "w8", "w4a4", "w4a8", "w8a8"),
+                                     precision_pins=(("*.0.self_attn.q_proj", "w4a4"),))
+    ctx = PassContext(recipe, example, calibration=[example, other], progress=False)
+    gm = run_passes(gm, [assign_precision, quantize_weights], ctx)
+    chosen = {layer_name(n): n.meta[PRECISION_META] for n in quantizable_linears(gm)}
+    assert len(chosen) == len(costs) and {f.act_bits for f in chosen.values()} >= {4, 8}
+    bops = sum(c.evaluate(c.bops(chosen[c.layer]), sizes) for c in costs)
+    assert bops <= limit and bops == pytest.approx(ctx.analyses["precision"]["assignment"].totals["bops"], rel=1e-12)
+    readers: dict = {}
+    for node in quantizable_linears(gm):
+        readers.setdefault(node.args[0], []).append(chosen[layer_name(node)].act_bits)
+    assert any(len(widths) == 3 for widths in readers.values())  # q/k/v read one normalized tensor
+    assert all(len(set(widths)) == 1 for widths in readers.values())  # ... and share its activation width
+    assert [chosen[f"model.layers.0.self_attn.{p}_proj"].act_bits for p in "qkv"] == [4, 4, 4]
+    assert {chosen[f"model.layers.1.self_attn.{p}_proj"].act_bits for p in "qkv"} == {8}  # not pinned: 8 is better
+
+    class FakeQuantized(torch.fx.Interpreter):  # each linear as x̂ Ŵᵀ + b from its attached weights
+        def run_node(self, n):
+            if n.op != "call_function" or PRECISION_META not in n.meta:
+                return super().run_node(n)
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            fmt = n.meta[PRECISION_META]
+            w_hat = n.meta[ACTQ_META].dequantize() if ACTQ_META in n.meta else dequantize_weight(n.meta[QWEIGHT_META])
+            bias = args[2] if len(args) > 2 else None
+            return torch.nn.functional.linear(fake_quantize_activation(args[0], fmt), w_hat, bias)
+
+    with torch.no_grad():
+        expected = FakeQuantized(gm).run(*other)[0]
+    lowered = run_passes(gm, [lower_to_kernels], ctx)
+    ops = {ACTIVATION_QUANT_LINEAR_OPS["int8"]: "w8a8", W4_ACT_QUANT_LINEAR_OPS[8]: "w4a8",
+           W4_ACT_QUANT_LINEAR_OPS[4]: "w4a4", WEIGHT_ONLY_LINEAR_OPS[4]: "w4", WEIGHT_ONLY_LINEAR_OPS[8]: "w8"}
+    for op, fmt in ops.items():
+        for node in call_nodes(lowered, op):
+            assert node.meta[PRECISION_META].name == fmt
+            assert (ACTQ_META in node.meta) == (fmt == "w8a8")
+            assert node.meta.get(ACT_BITS_META) == {"w4a8": 8, "w4a4": 4}.get(fmt)
+    assert sum(len(call_nodes(lowered, op)) for op in ops) == len(chosen) and not quantizable_linears(lowered)
+    with torch.no_grad():
+        got = lowered(*other)[0]
+    # the kernels dequantize in their epilogues (int dots, float32 scales): float32 rounding, not format error
+    assert float((got - expected).norm()) <= 1e-4 * float(expected.norm())

@@ -24,7 +24,7 @@ from qcompile.pipeline import PassContext, run_passes
 from qcompile.quantizers import quantize_weight_rtn
 from qcompile.recipe import Recipe
 from qcompile.sensitivity import layer_sensitivity
-from qcompile.weight_formats import candidate_formats, fake_quantize, weight_bytes
+from qcompile.weight_formats import candidate_formats, fake_quantize, fake_quantize_activation, weight_bytes
 
 
 def _gen() -> torch.Generator:
@@ -173,11 +173,24 @@ def test_hutchinson_lm_loss_detected_and_matches_exact_trace():
         assert abs(est.traces[name] - exact) <= 4 * est.std_errors[name] + 1e-9 * abs(exact), name
 
 
-def test_detect_loss_is_kl_for_non_logit_outputs():
+class _Encoder(torch.nn.Module):
+    """x [B, T, 7] -> layer-normed hidden states [B, T, 9] (an embedding model's output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(7, 9)
+        self.norm = torch.nn.LayerNorm(9)
+
+    def forward(self, x):
+        return self.norm(torch.relu(self.fc(x)))
+
+
+def test_detect_loss_is_kl_for_head_outputs_and_mse_for_hidden_states():
     gen = _gen()
-    model = _MLP(gen).eval()
-    gm, flat = _canonical(model, torch.randn(2, 3, 7, generator=gen))
-    assert detect_loss(gm, flat) == "kl"
+    gm, flat = _canonical(_MLP(gen).eval(), torch.randn(2, 3, 7, generator=gen))
+    assert detect_loss(gm, flat) == "kl"  # the output is a linear's: logits of a head
+    gm, flat = _canonical(_Encoder().eval(), torch.randn(2, 3, 7, generator=gen))
+    assert detect_loss(gm, flat) == "mse"  # the output is a norm's: hidden states
 
 
 def test_local_sensitivity_is_mean_output_error_per_token():
@@ -262,3 +275,69 @@ def test_cost_model_is_symbolic_in_batch_and_sequence(canonical_zoo):
         expected_bytes = weight_bytes(w4, n, k, 4) + 2 * tokens * (n + k)
         expected = max(2 * tokens * n * k / cpu.peak_flops_16, expected_bytes / cpu.bandwidth)
         assert cost.evaluate(cost.latency(w4, cpu), {"batch": 5, "seq": 7}) == pytest.approx(expected, rel=1e-12)
+
+
+def test_activation_candidates_add_the_exact_activation_output_error():
+    """Local Ω of a candidate that quantizes the input is the layer's whole output error per
+    token, ``‖Q_a(x) Ŵᵀ − x Wᵀ‖²``, computed here directly from the module's inputs."""
+    gen = _gen()
+    model = _MLP(gen).double().eval()
+    batches = [torch.randn(3, 5, 7, generator=gen, dtype=torch.float64) * 2 for _ in range(3)]
+    gm, _ = _canonical(model, batches[0])
+    formats = candidate_formats(("w4", "w4a8", "w4a4", "w8a8", "float"), None, False)
+    table = layer_sensitivity(gm, [[b] for b in batches], quantizable_linears(gm), formats, method="local",
+                              progress=False)
+    x1 = torch.cat([b.reshape(-1, 7) for b in batches])
+    x2 = torch.tanh(model.fc1(x1))
+    for i, (name, x) in enumerate((("fc1", x1), ("fc2", x2))):
+        w = getattr(model, name).weight.detach()
+        for j, fmt in enumerate(formats[:4]):
+            w_hat = fake_quantize(w, fmt).double()
+            x_hat = fake_quantize_activation(x, fmt).double() if fmt.quantizes_activations else x
+            expected = float((x_hat @ w_hat.T - x @ w.T).pow(2).sum(-1).mean())
+            # float64 statistics of float32-rounded codes: 1e-9 relative
+            assert table.omega[i, j] == pytest.approx(expected, rel=1e-9)
+    # same weight grid: 4-bit inputs add far more error than 8-bit ones (whose error can even
+    # cancel a little of the weight's: the cross term has either sign)
+    assert (table.omega[:, 2] > table.omega[:, 1]).all() and (table.omega[:, 2] > table.omega[:, 0]).all()
+
+
+def test_end_to_end_sensitivity_quantizes_the_layer_input_for_activation_candidates():
+    gen = _gen()
+    model = _MLP(gen).double().eval()
+    batches = [torch.randn(2, 3, 7, generator=gen, dtype=torch.float64) for _ in range(2)]
+    gm, _ = _canonical(model, batches[0])
+    formats = candidate_formats(("w4a4", "w8a8"), None, True)
+    table = layer_sensitivity(gm, [[b] for b in batches], quantizable_linears(gm), formats, method="e2e",
+                              loss="mse", progress=False)
+    for i, name in enumerate(("fc1", "fc2")):
+        for j, fmt in enumerate(formats):
+            twin = copy.deepcopy(model)
+            module = getattr(twin, name)
+            module.weight.data = fake_quantize(module.weight, fmt).double()
+            module.register_forward_pre_hook(lambda _m, a, f=fmt: (fake_quantize_activation(a[0], f).double(),))
+            with torch.no_grad():
+                expected = np.mean([float((twin(b) - model(b)).pow(2).mean()) for b in batches])
+            assert table.omega[i, j] == pytest.approx(expected, rel=1e-9)  # float64 throughout
+
+
+def test_hessian_sensitivity_scales_the_activation_error_by_the_output_curvature():
+    gen = _gen()
+    model = _MLP(gen).double().eval()
+    x = torch.randn(2, 3, 7, generator=gen, dtype=torch.float64)
+    gm, flat = _canonical(model, x)
+    formats = candidate_formats(("w8", "w8a8"), None, True)
+    table = layer_sensitivity(gm, [flat], quantizable_linears(gm), formats, method="hessian", samples=8,
+                              loss="mse", progress=False)
+    x1 = x.reshape(-1, 7)
+    for i, (name, inp) in enumerate((("fc1", x1), ("fc2", torch.tanh(model.fc1(x1))))):
+        w = getattr(model, name).weight.detach()
+        w_hat = fake_quantize(w, formats[0]).double()
+        trace = max(table.traces.traces[name], 0.0)
+        weight_part = trace / w.numel() * float((w_hat - w).pow(2).sum())
+        x_hat = fake_quantize_activation(inp, formats[1]).double()
+        act_part = float((x_hat @ w_hat.T - inp @ w_hat.T).pow(2).sum(-1).mean()) \
+            + 2 * float(((inp @ (w_hat - w).T) * ((x_hat - inp) @ w_hat.T)).sum(-1).mean())
+        gain = trace / (w.shape[0] * float(inp.pow(2).sum(-1).mean()))  # tr(H_W) / (N tr(E[x xᵀ]))
+        assert table.omega[i, 0] == pytest.approx(weight_part, rel=1e-12)
+        assert table.omega[i, 1] == pytest.approx(max(weight_part + gain * act_part, 0.0), rel=1e-9)
