@@ -17,7 +17,7 @@ per-channel, i.e. the ``"auto"`` preset's. For each model and average-bits budge
 
 Every assignment is applied through ``qcompile.quantize`` with the recipe pinning each layer
 (``precision_pins``), so all rows share one quantization path; the ``"auto"`` preset itself is
-also run at 4.5 bits (its row must match ILP/local). Metrics on held-out data: MiniLM —
+also run at 4.5 bits (its row must match ILP/hessian with the same sample count). Metrics on held-out data: MiniLM —
 cosine of mean-pooled embeddings against float32 on 256 held-out texts (calibration: 64 other
 texts); tiny Llama — held-out loss (nats/byte) and perplexity (calibration: 8 batches of
 4 calibration windows). Also: solver time for 500 layers × 6 candidates, and the time of each
@@ -201,7 +201,7 @@ def run_case(case: Case, budgets: list[float], seeds: int, samples: int, methods
             add(f"random (seed {seed})", budget, choice)
         add("by size (small layers first)", budget, by_size_assignment(case.bits, case.numel, limit))
     if auto:
-        add('preset "auto" (Ω local)', 4.5, recipe="auto")
+        add('preset "auto" (Ω hessian)', 4.5, recipe="auto")
     head = ["assignment", "budget avg bits", "avg bits", "#int3/#int4/#int8", "linear MiB", *case.metric_head]
     emit(markdown_table(head, rows, "lrrrr" + "r" * len(case.metric_head)))
     emit()

@@ -83,6 +83,20 @@ def budget_constraints(budget, costs, formats, sizes) -> list[BudgetConstraint]:
     return out
 
 
+def _summary(table: SensitivityTable, result, constraints, layers: int) -> str:
+    """The report's model-level line: how Ω was measured (and how noisy it is), the solve."""
+    text = f"precision: {layers} linears, sensitivity {table.method} in {table.seconds:.1f} s"
+    if table.traces is not None:
+        est = table.traces
+        rel = sorted(est.std_errors[n] / abs(est.traces[n]) for n in table.layers if est.traces[n] != 0)
+        if rel:
+            text += (f" ({est.samples} Hessian-vector products, loss {est.loss}; standard error / |trace| median "
+                     f"{rel[len(rel) // 2]:.1%}, max {rel[-1]:.1%}: more hutchinson_samples lower it as 1/sqrt(n))")
+    totals = ", ".join(f"{c.name} {result.totals[c.name]:.6g} of {c.limit * c.scale:.6g}" for c in constraints)
+    return (f"{text}; ILP Σ Ω {result.objective:.4e} solved in {result.seconds * 1e3:.0f} ms "
+            f"(relative gap {result.gap:.1e}); {totals}")
+
+
 def activation_ties(nodes: list[fx.Node], formats, pins: list[str | None]) -> tuple[list[list[int]], np.ndarray]:
     """Linears reading one activation share its activation format (one quantization of that
     tensor feeds them all): groups of indices into ``nodes`` by their input node, and each
@@ -130,6 +144,7 @@ def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     ctx.analyses["precision"] = {"sensitivity": table, "costs": costs, "sizes": sizes, "formats": formats,
                                  "allowed": allowed, "constraints": constraints, "ties": ties,
                                  "tie_classes": classes, "assignment": result}
+    ctx.notes.append(_summary(table, result, constraints, len(nodes)))
     for i, (node, name) in enumerate(zip(nodes, names)):
         fmt = formats[result.choice[i]]
         node.meta[PRECISION_META] = fmt
@@ -138,6 +153,8 @@ def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         row["omega"] = {f.name: float(table.omega[i, j]) for j, f in enumerate(formats) if allowed[i, j] or pins[i] is None}
         row["cost"] = {con.name: float(con.costs[i, result.choice[i]]) for con in constraints if con.name != "avg_bits"}
         row["cost"]["bits"] = fmt.bits(costs[i].float_bits)
+        if table.traces is not None:
+            row["hessian_trace"] = {"mean": table.traces.traces[name], "std_error": table.traces.std_errors[name]}
     return PassResult(gm, False)
 
 

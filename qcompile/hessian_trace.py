@@ -21,9 +21,9 @@ The loss (``loss=``):
   Hessian there is the Gauss-Newton (Fisher) matrix.
 * ``"mse"`` — the mean squared difference of the first output from the float model's
   (also Gauss-Newton at the float point); suited to embedding outputs.
-* ``"auto"`` — ``"lm"`` when the first output looks like logits over an integer input,
-  else ``"kl"`` when it is computed by a linear (a classifier head), else ``"mse"``
-  (hidden states or embeddings) (:func:`detect_loss`).
+* ``"auto"`` — when the first output is computed by a linear (a head): ``"lm"`` when it
+  looks like logits over an integer input, else ``"kl"``; otherwise (hidden states,
+  embeddings) ``"mse"`` (:func:`detect_loss`).
 
 The CPU flash-attention kernel has no double backward, so in the copy of the graph that is
 differentiated ``aten.scaled_dot_product_attention`` runs the math implementation (output
@@ -136,15 +136,16 @@ def output_is_linear(gm: fx.GraphModule) -> bool:
 
 
 def detect_loss(gm: fx.GraphModule, flat_inputs: list[Any]) -> str:
-    """``"lm"`` when the graph's first float output is logits ``[..., T, V]`` over an integer
-    input ``[..., T]`` with ids in ``[0, V)``; else ``"kl"`` when that output comes from a
-    linear (a classifier's logits), ``"mse"`` when it does not (hidden states, embeddings:
-    a softmax over their channels means nothing)."""
+    """For a graph whose first float output is computed by a linear (a head's logits):
+    ``"lm"`` when that output is ``[..., T, V]`` over an integer input ``[..., T]`` with ids
+    in ``[0, V)`` (a language model), else ``"kl"`` (a classifier). ``"mse"`` when the output
+    does not come from a linear (hidden states, embeddings: a softmax over their channels
+    means nothing)."""
+    if not output_is_linear(gm):
+        return "mse"
     with torch.no_grad():
         logits = first_float_output(gm(*flat_inputs))
-    if label_input(flat_inputs, logits) is not None:
-        return "lm"
-    return "kl" if output_is_linear(gm) else "mse"
+    return "lm" if label_input(flat_inputs, logits) is not None else "kl"
 
 
 def loss_value(kind: str, out: torch.Tensor, reference: torch.Tensor | None, labels: torch.Tensor | None):

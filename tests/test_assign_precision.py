@@ -10,6 +10,7 @@ own tensors are measured against the budget.
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -232,6 +233,10 @@ def test_quantize_with_auto_preset_on_a_zoo_model():
                            calibration=[kwargs, kwargs2], progress=False)
     report = qm.report()
     assert "Ω per candidate" in report.table()
+    # the preset's Hessian sensitivity: 4 HVPs, their spread reported per layer and summarized
+    assert re.search(r"sensitivity hessian in [\d.]+ s \(4 Hessian-vector products, loss mse; standard error "
+                     r"/ \|trace\| median [\d.]+%", report.table())
+    assert all(r["hessian_trace"]["std_error"] >= 0 for r in report.layers if "omega" in r)
     layers = [r for r in report.layers if "omega" in r]
     assert layers and all(r["format"].startswith(("int3", "int4", "int8")) for r in layers)
     numel = sum(r["shape"][0] * r["shape"][1] for r in layers)
