@@ -186,7 +186,7 @@ def variants() -> list[Variant]:
                 "int4, g128, sym, range search (output-weighted)", A16),
         Variant("w4a16-g64", "w4a16 g64", {"preset": "w4a16", "group_size": 64},
                 "int4, g64, asym, range search (output-weighted)", A16),
-        Variant("w4a16-awq", "w4a16-awq (preset)", "w4a16-awq", "int4, g128, asym, range search (output-weighted)",
+        Variant("w4a16-awq", "w4a16-awq (preset)", "w4a16-awq", "int4, g128, asym, range search (output error, H blocks)",
                 A16),
         # GPTQ against RTN, same everything else (W4 g128 and W3 g128)
         Variant("w4a16-gptq", "w4a16-gptq (preset)", "w4a16-gptq",

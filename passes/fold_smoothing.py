@@ -14,10 +14,15 @@ per-channel scale s from calibration statistics (:mod:`qcompile.smoothing`) and 
   the activation-quantizing op (``qcompile::linear_w8a8``'s ``smooth`` argument), and
   with 16-bit activations it stays a multiply. Otherwise the group is left alone.
 
-The scales are powers of two, so the rewrite is exact and the pass manager's float64
-check holds on every architecture. ``smooth="alpha"`` uses the recipe's α everywhere;
-``smooth="search"`` picks α per group (or no smoothing) by the group's quantized output
-error on calibration samples. Every consumer's report row says what happened
+``smooth="alpha"`` uses the recipe's α everywhere; ``smooth="search"`` picks α per group
+(or no smoothing) by the group's quantized output error on calibration samples. With 8-bit
+(or 4-bit) activations the candidates are SmoothQuant's scales ``max|X|^α / max|W|^(1-α)``
+rounded to powers of two, so the rewrite is exact in the model's precision. With 16-bit
+activations (weight-only, AWQ) they are AWQ's scales ``mean|X|^α / mean|Ŵ|^(1-α)``
+(:func:`qcompile.smoothing.awq_scales`), not rounded; every new constant then records its
+float64 value (``EXACT_META``) and the pass manager's float64 check proves the rewrite
+exact in float64 while the stored constants carry float32 (bf16) rounding. Either way
+the check holds on every architecture. Every consumer's report row says what happened
 (``smoothing``: α and where the scale went).
 """
 from __future__ import annotations
@@ -28,8 +33,9 @@ from tqdm.auto import tqdm
 
 from qcompile.calibration import collect_input_samples, collect_linear_stats
 from qcompile.errors import CalibrationError
-from qcompile.fake_quant import activation_fake_quant, weight_fake_quant
+from qcompile.fake_quant import activation_fake_quant, weight_fake_quant, weight_group_size
 from qcompile.graph_utils import (
+    EXACT_META,
     SMOOTHING_META,
     add_constant,
     eliminate_dead_constants,
@@ -41,7 +47,7 @@ from qcompile.graph_utils import (
 )
 from qcompile.hadamard import apply_hadamard, random_signs, rotation_plan
 from qcompile.pipeline import GraphPass, PassContext, PassResult
-from qcompile.smoothing import search_scales, smoothing_scales, weight_column_absmax
+from qcompile.smoothing import awq_scales, search_scales, smoothing_scales, weight_column_absmax, weight_group_absmean
 from qcompile.smoothing_groups import SmoothingGroup, constant_value, find_smoothing_groups
 
 aten = torch.ops.aten
@@ -51,16 +57,26 @@ SEARCH_ROWS = 2048
 
 
 def _scaled(tensor: torch.Tensor, factor: torch.Tensor, *, divide: bool) -> torch.Tensor:
-    """``tensor * factor`` or ``tensor / factor`` (power-of-two factor: exact), in tensor's dtype."""
+    """``tensor * factor`` or ``tensor / factor`` in float64 (exact for a power-of-two factor;
+    :func:`_replace_arg` stores it in the model's dtype)."""
     f = factor.to(torch.float64)
-    out = tensor.to(torch.float64) / f if divide else tensor.to(torch.float64) * f
-    return out.to(tensor.dtype)
+    return tensor.to(torch.float64) / f if divide else tensor.to(torch.float64) * f
 
 
-def _replace_arg(gm: fx.GraphModule, node: fx.Node, index: int, tensor: torch.Tensor, hint: str) -> None:
+def _value(gm: fx.GraphModule, arg) -> torch.Tensor:
+    """A constant argument's float64 value: the exact value an earlier rewrite in this pass
+    recorded (a V projection is scaled as a consumer, then as a producer), else the constant."""
+    exact = arg.meta.get(EXACT_META) if isinstance(arg, fx.Node) else None
+    return exact if exact is not None else constant_value(gm, arg).to(torch.float64)
+
+
+def _replace_arg(gm: fx.GraphModule, node: fx.Node, index: int, exact: torch.Tensor, hint: str) -> None:
+    """Replace constant argument ``index`` of ``node`` by ``exact`` (float64) stored in the old
+    constant's dtype, recording the float64 value for the pass manager's check."""
     old = node.args[index]
     source = old.meta.get("qcompile.source") if isinstance(old, fx.Node) else None
-    new = add_constant(gm, tensor, source or hint, before=node)
+    dtype = old.meta["val"].dtype  # a constant, or a constant expression (Gemma's 1 + w)
+    new = add_constant(gm, exact.to(dtype), source or hint, before=node, exact=exact)
     if source:
         new.meta["qcompile.source"] = source
     args = list(node.args)
@@ -72,15 +88,14 @@ def _fold_into_producer(gm: fx.GraphModule, group: SmoothingGroup, s: torch.Tens
     producer = group.producer
     name = producer.name
     if group.kind == "linear":
-        w = linear_weight(gm, producer)
-        _replace_arg(gm, producer, 1, _scaled(w, s[:, None], divide=True), f"{name}_weight")
+        _replace_arg(gm, producer, 1, _scaled(_value(gm, producer.args[1]), s[:, None], divide=True), f"{name}_weight")
         bias = get_constant(gm, producer.args[2]) if len(producer.args) > 2 else None
         if bias is not None:
-            _replace_arg(gm, producer, 2, _scaled(bias, s, divide=True), f"{name}_bias")
+            _replace_arg(gm, producer, 2, _scaled(_value(gm, producer.args[2]), s, divide=True), f"{name}_bias")
     elif group.kind in ("layer_norm", "rms_norm"):
-        _replace_arg(gm, producer, 2, _scaled(get_constant(gm, producer.args[2]), s, divide=True), f"{name}_weight")
+        _replace_arg(gm, producer, 2, _scaled(_value(gm, producer.args[2]), s, divide=True), f"{name}_weight")
         if group.kind == "layer_norm" and len(producer.args) > 3 and producer.args[3] is not None:
-            _replace_arg(gm, producer, 3, _scaled(get_constant(gm, producer.args[3]), s, divide=True), f"{name}_bias")
+            _replace_arg(gm, producer, 3, _scaled(_value(gm, producer.args[3]), s, divide=True), f"{name}_bias")
     elif group.kind == "scale":
         for i, arg in enumerate(producer.args[:2]):
             value = constant_value(gm, arg)
@@ -93,9 +108,10 @@ def _fold_into_producer(gm: fx.GraphModule, group: SmoothingGroup, s: torch.Tens
 
 def _insert_online(gm: fx.GraphModule, group: SmoothingGroup, s: torch.Tensor) -> fx.Node:
     x = group.activation
-    inverse = _scaled(torch.ones_like(s), s, divide=True).to(x.meta["val"].dtype)
+    inverse = _scaled(torch.ones_like(s), s, divide=True)
     first = min(group.consumers, key=lambda n: list(gm.graph.nodes).index(n))
-    const = add_constant(gm, inverse, f"{layer_name(first)}_smooth_inv", before=first)
+    const = add_constant(gm, inverse.to(x.meta["val"].dtype), f"{layer_name(first)}_smooth_inv", before=first,
+                         exact=inverse)
     with gm.graph.inserting_before(first):
         mul = gm.graph.call_function(aten.mul.Tensor, (x, const))
     mul.meta[SMOOTHING_META] = s
@@ -107,8 +123,8 @@ def _insert_online(gm: fx.GraphModule, group: SmoothingGroup, s: torch.Tensor) -
 
 def _scale_consumers(gm: fx.GraphModule, group: SmoothingGroup, s: torch.Tensor) -> None:
     for consumer in group.consumers:
-        w = linear_weight(gm, consumer)
-        _replace_arg(gm, consumer, 1, _scaled(w, s[None, :], divide=False), f"{consumer.name}_weight")
+        _replace_arg(gm, consumer, 1, _scaled(_value(gm, consumer.args[1]), s[None, :], divide=False),
+                     f"{consumer.name}_weight")
 
 
 def _following_rotation(recipe, group: SmoothingGroup):
@@ -130,9 +146,16 @@ def _choose_scale(ctx: PassContext, gm: fx.GraphModule, group: SmoothingGroup, s
     if recipe.smooth == "alpha":
         s = smoothing_scales(act.absmax, weight_column_absmax(weights), recipe.smooth_alpha)
         return recipe.smooth_alpha, s, "", None
+    if recipe.activation_bits == 16:  # weight-only: AWQ's mean statistics, scales not rounded
+        group_size, _ = weight_group_size(recipe, group.channels)
+        stat_args = dict(weight_stat=weight_group_absmean(weights, group_size), scale_fn=awq_scales)
+        act_stat = act.absmean
+    else:
+        stat_args, act_stat = {}, act.absmax
     found = search_scales(
-        samples[group.consumers[0]], weights, act.absmax, recipe.smooth_alphas,
+        samples[group.consumers[0]], weights, act_stat, recipe.smooth_alphas,
         weight_fake_quant(recipe, group.channels), activation_fake_quant(recipe), _following_rotation(recipe, group),
+        **stat_args,
     )
     base = found.errors[None]
     best = found.errors[found.alpha]

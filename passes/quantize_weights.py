@@ -62,16 +62,21 @@ def _input_stats(gm: fx.GraphModule, ctx: PassContext):
     smoothing), or None when the recipe needs none or there is no calibration data."""
     recipe = ctx.recipe
     static = recipe.activation_bits == 8 and recipe.activation_scale == "static"
-    output_clip = bool(recipe.clip_ratios) and recipe.clip_objective == "output"
+    output_clip = bool(recipe.clip_ratios) and recipe.clip_objective in ("output", "hessian")
     gptq = _uses_gptq(recipe)
-    if (static or gptq) and not ctx.calibration:
+    if (static or gptq or _hessian_clip(recipe)) and not ctx.calibration:
         raise CalibrationError(
             f"recipe {recipe.name!r} needs calibration data ({recipe.needs_calibration}); "
             "pass calibration=[batch, ...] to qcompile.quantize"
         )
     if not ((static or output_clip or gptq) and ctx.calibration):
         return None
-    return collect_linear_stats(gm, ctx.calibration, hessian=gptq, progress=ctx.progress).layers
+    return collect_linear_stats(gm, ctx.calibration, hessian=gptq or _hessian_clip(recipe), progress=ctx.progress).layers
+
+
+def _hessian_clip(recipe: Recipe) -> bool:
+    """The range search weighs each group's error by its block of Σ x xᵀ (needs Hessians)."""
+    return bool(recipe.clip_ratios) and recipe.clip_objective == "hessian"
 
 
 def _uses_gptq(recipe: Recipe) -> bool:
@@ -120,16 +125,19 @@ def _act_quant_weight(recipe: Recipe, weight: torch.Tensor, stats, row: dict) ->
 
 
 def _importance(recipe: Recipe, stats):
-    """Per-input-channel weights of the range search's error: E[x²] for clip_objective="output"."""
-    if stats is None or not recipe.clip_ratios or recipe.clip_objective != "output":
+    """Weights of the range search's error: per input channel E[x²] for clip_objective="output",
+    the matrix Σ x xᵀ (its group blocks) for "hessian"."""
+    if stats is None or not recipe.clip_ratios or recipe.clip_objective == "weight":
         return None
-    return stats.mean_square
+    return stats.hessian if recipe.clip_objective == "hessian" else stats.mean_square
 
 
 def _clip_label(recipe: Recipe, stats) -> str:
     if not recipe.clip_ratios:
         return ""
-    return " clip-search(output)" if _importance(recipe, stats) is not None else " clip-search"
+    if _importance(recipe, stats) is None:
+        return " clip-search"
+    return " clip-search(hessian)" if recipe.clip_objective == "hessian" else " clip-search(output)"
 
 
 def _method_label(recipe: Recipe) -> str:
@@ -232,7 +240,7 @@ def _quantize_chosen_w_a(recipe: Recipe, weight: torch.Tensor, chosen, stats, ro
 
 def _needs_stats(recipe: Recipe) -> bool:
     static = recipe.activation_bits == 8 and recipe.activation_scale == "static"
-    return static or (bool(recipe.clip_ratios) and recipe.clip_objective == "output") or _uses_gptq(recipe)
+    return static or (bool(recipe.clip_ratios) and recipe.clip_objective != "weight") or _uses_gptq(recipe)
 
 
 def quantize_stage(module: fx.GraphModule, pairs: list[tuple[fx.Node, fx.Node]], batches: list[list],
@@ -250,7 +258,7 @@ def quantize_stage(module: fx.GraphModule, pairs: list[tuple[fx.Node, fx.Node]],
         raise ValueError(f"stage-by-stage quantization needs a weight-only recipe, got {recipe.name!r}")
     stats = None
     if _needs_stats(recipe) and batches:
-        stats = collect_linear_stats(module, batches, hessian=_uses_gptq(recipe), progress=False,
+        stats = collect_linear_stats(module, batches, hessian=_uses_gptq(recipe) or _hessian_clip(recipe), progress=False,
                                      group=group).layers
     quantized = []
     for node, target in pairs:

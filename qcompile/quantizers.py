@@ -195,7 +195,12 @@ def quantize_weight_rtn(
             search's error, ``Σ_j importance_j (ŵ_j − w_j)²``. With ``importance = E[x_j²]``
             over calibration inputs this is the expected squared *output* error of the
             group under a diagonal approximation of ``E[x xᵀ]`` (AWQ's output-aware
-            clipping, without its cost); None weighs all channels equally.
+            clipping, without its cost); None weighs all channels equally. A ``[K, K]``
+            matrix is a full second moment ``H = E[x xᵀ]`` (or any symmetric PSD matrix):
+            each group's error is then ``Δ_g H_g Δ_gᵀ`` with ``H_g`` the group's diagonal
+            block of H, the exact expected squared output error of that group's part of the
+            dot product on the calibration inputs, cross-channel terms included (AWQ's
+            ``auto_clip`` objective, computed from H instead of sampled tokens).
         grid_bits: the grid's bit width when narrower than the container: 3 with
             ``bits=4`` is a 3-bit grid (asymmetric: ``7`` steps, codes 0..7; symmetric:
             scale ``absmax / 3``, codes 1..7 around zero point 4) stored as 4-bit codes.
@@ -311,7 +316,9 @@ def _rtn(w, bits, group_size, symmetric, clip_ratios, importance, grid_bits) -> 
     _check_group_size(group_size, k)
     groups = w32.reshape(n, k // group_size, group_size)
     weight = None
-    if importance is not None:
+    if importance is not None and importance.dim() == 2:
+        weight = _hessian_blocks(importance, k, group_size)
+    elif importance is not None:
         imp = importance.detach().to(torch.float32).reshape(-1)
         if imp.numel() != k or not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
             raise ValueError(f"importance must be {k} finite non-negative values, got shape {tuple(importance.shape)}")
@@ -445,6 +452,24 @@ def _check_clip_ratios(clip_ratios: tuple[float, ...] | None) -> tuple[float, ..
     return ratios
 
 
+def _hessian_blocks(hessian: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
+    """The diagonal ``[g, g]`` blocks ``[G, g, g]`` (float32) of a ``[K, K]`` second moment."""
+    if tuple(hessian.shape) != (k, k) or not bool(torch.isfinite(hessian).all()):
+        raise ValueError(f"a matrix importance must be a finite [{k}, {k}] E[x xᵀ], got shape {tuple(hessian.shape)}")
+    g = k // group_size
+    h = hessian.detach().to(torch.float32).reshape(g, group_size, g, group_size)
+    return h[torch.arange(g), :, torch.arange(g), :]  # [G, g, g]: advanced indices go first
+
+
+def _group_error(diff: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Per group ``[N, G]``: Σ diff², Σ w diff² (``weight [1, G, g]``) or diff H_g diffᵀ (``[G, g, g]``)."""
+    if weight is None:
+        return diff.pow(2).sum(dim=-1)
+    if weight.dim() == 3 and weight.shape[0] == diff.shape[1] and weight.shape[-1] == weight.shape[-2]:
+        return torch.einsum("ngi,gij,ngj->ng", diff, weight, diff)
+    return (diff.pow(2) * weight).sum(dim=-1)
+
+
 def _quantize_groups(groups: torch.Tensor, bits: int, grid_bits: int, symmetric: bool, ratios: tuple[float, ...],
                      weight: torch.Tensor | None = None):
     """Quantize groups [N, G, g] with each range ratio; keep, per group, the least (weighted) squared error."""
@@ -456,8 +481,7 @@ def _quantize_groups(groups: torch.Tensor, bits: int, grid_bits: int, symmetric:
         if len(ratios) == 1:
             return codes, scales, zeros
         offset = zeros if zeros is not None else torch.zeros_like(scales)
-        sq = ((codes - offset.unsqueeze(-1)) * scales.unsqueeze(-1) - groups).pow(2)
-        err = (sq if weight is None else sq * weight).sum(dim=-1)
+        err = _group_error((codes - offset.unsqueeze(-1)) * scales.unsqueeze(-1) - groups, weight)
         if best is None:
             best, best_err = [codes, scales, zeros], err
             continue

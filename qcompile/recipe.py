@@ -94,8 +94,10 @@ class Recipe:
             ``()`` = plain min/max). The w4a16 preset searches ``CLIP_SEARCH``.
         clip_objective: what the range search minimizes: ``"output"`` — the weight error
             weighted per input channel by E[x²] over the calibration inputs (an estimate of
-            the output error; plain weight error when no calibration is given) — or
-            ``"weight"`` — the plain squared weight error.
+            the output error; plain weight error when no calibration is given) —,
+            ``"hessian"`` — the group's exact output error on the calibration inputs,
+            ``Δ H_g Δᵀ`` with H_g the group's block of ``Σ x xᵀ`` (AWQ's ``auto_clip``
+            objective; needs calibration) — or ``"weight"`` — the plain squared weight error.
         keep_float: glob patterns of layer names (the weight's source name without
             ``.weight``, e.g. ``"lm_head"`` or ``"*.attention.*"``) left in floating point.
         min_in_features: linears with fewer input features stay in floating point.
@@ -177,8 +179,8 @@ class Recipe:
         ):
             raise RecipeError(f"clip_ratios must be numbers in (0, 1], got {self.clip_ratios!r}")
         object.__setattr__(self, "clip_ratios", tuple(float(r) for r in self.clip_ratios))
-        if self.clip_objective not in ("output", "weight"):
-            raise RecipeError(f'clip_objective must be "output" or "weight", got {self.clip_objective!r}')
+        if self.clip_objective not in ("output", "hessian", "weight"):
+            raise RecipeError(f'clip_objective must be "output", "hessian" or "weight", got {self.clip_objective!r}')
         if isinstance(self.keep_float, str) or not all(isinstance(p, str) for p in self.keep_float):
             raise RecipeError(f"keep_float must be a tuple of glob patterns, got {self.keep_float!r}")
         object.__setattr__(self, "keep_float", tuple(self.keep_float))
@@ -276,6 +278,8 @@ class Recipe:
             reasons.append("static activation scales come from calibration")
         if self.method == "gptq":
             reasons.append('method="gptq" needs the Hessian (Σ x xᵀ) of every linear\'s inputs')
+        if self.clip_ratios and self.clip_objective == "hessian":
+            reasons.append('clip_objective="hessian" weighs the range search by Σ x xᵀ of each linear\'s inputs')
         if self.budget is not None:
             reasons.append("a budget's per-layer precision choice measures each layer's sensitivity on calibration data")
         return "; ".join(reasons)
@@ -319,6 +323,8 @@ class Recipe:
 CLIP_SEARCH = tuple(round(1.0 - 0.02 * i, 2) for i in range(20))
 # Smoothing exponents smooth="search" tries by default (plus no smoothing): 0 to 1 by 0.1.
 SMOOTH_SEARCH = tuple(round(0.1 * i, 1) for i in range(11))
+# AWQ's grid (llm-awq auto_scale, n_grid=20): 0 to 0.95 by 0.05.
+AWQ_SEARCH = tuple(round(0.05 * i, 2) for i in range(20))
 
 PRESETS: dict[str, Recipe] = {
     "w8a16": Recipe(name="w8a16", weight_bits=8, group_size=None, symmetric=True),
@@ -326,8 +332,12 @@ PRESETS: dict[str, Recipe] = {
     # GPTQ, activation order, grids range-searched (weighted by diag H) before rounding
     "w4a16-gptq": Recipe(name="w4a16-gptq", weight_bits=4, group_size=128, symmetric=False, clip_ratios=CLIP_SEARCH,
                          method="gptq"),
+    # AWQ: per group the scale mean|x|^a / mean|w|^(1-a) (a on AWQ's grid, or none) with the
+    # least quantized output error (online where no producer absorbs it: a multiply per
+    # group), then each weight group's range by its exact output error (H blocks). On
+    # MiniLM see BENCHMARKS.md (w4a16-awq against w4a16).
     "w4a16-awq": Recipe(name="w4a16-awq", weight_bits=4, group_size=128, symmetric=False, clip_ratios=CLIP_SEARCH,
-                        smooth="search"),
+                        clip_objective="hessian", smooth="search", smooth_alphas=AWQ_SEARCH),
     # per group, the smoothing exponent (or none) with the least quantized output error: on
     # MiniLM 0.9990 mean cosine against 0.9986 for SmoothQuant's fixed alpha = 0.5
     "w8a8": Recipe(name="w8a8", weight_bits=8, activation_bits=8, smooth="search"),

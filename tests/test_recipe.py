@@ -77,7 +77,9 @@ def test_activation_and_smoothing_presets():
     assert static.activation_scale == "static" and static.needs_calibration
     assert (fp8.activation_format, fp8.weight_format) == ("fp8", "fp8")
     assert (awq.weight_bits, awq.group_size, awq.smooth, awq.activation_bits) == (4, 128, "search", 16)
-    assert awq.smooth_alphas == tuple(i / 10 for i in range(11))  # the default grid fills in
+    assert w8a8.smooth_alphas == tuple(i / 10 for i in range(11))  # the default grid fills in
+    assert awq.smooth_alphas == tuple(i / 20 for i in range(20))  # AWQ's own grid (n_grid=20)
+    assert awq.clip_objective == "hessian" and "clip_objective" in awq.needs_calibration
     assert "smooth" in w8a8.needs_calibration and not PRESETS["w8a16"].needs_calibration
     off = resolve_recipe({"preset": "w8a8", "smooth": "off"})
     assert off.smooth == "off" and not off.needs_calibration and off.activation_bits == 8
