@@ -2,7 +2,8 @@
 
 For each layer count, generates a Llama-architecture checkpoint with random weights
 (sharded safetensors, float32; by default TinyLlama-1.1B's widths — hidden 2048, MLP
-5632, 32 heads, 4 KV heads — with a 64000-token vocabulary, so 16 layers are 4.3 GB)
+5632, 32 heads, 4 KV heads — with a 64000-token vocabulary and an untied LM head: 1.05 GB
+of embedding + head and 0.176 GB per layer, so 16 layers are 3.87 GB and 17 are 4.04 GB)
 under ``--workdir``, quantizes it stage by stage with ``qcompile.streaming`` in a fresh
 subprocess (w4a16-gptq: int4 g128 GPTQ with activation order; random-token
 calibration), and reports the subprocess's peak resident memory (``getrusage``
@@ -11,6 +12,7 @@ of each stage, and the total. The checkpoint and the output are deleted after ea
 so the disk holds at most one checkpoint and its output.
 
     python benchmarks/streaming.py                      # 4, 8 and 16 layers
+    python benchmarks/streaming.py --layers 17          # a checkpoint over 4 GB
     python benchmarks/streaming.py --layers 2 --hidden 256 --intermediate 512 --vocab 1000   # quick
 """
 from __future__ import annotations

@@ -74,7 +74,10 @@ class LinearStats:
         if with_hessian:
             f64 = flat.double()
             update = f64.T @ f64
-            self.hessian = update if self.hessian is None else self.hessian + update
+            if self.hessian is None:
+                self.hessian = update
+            else:  # in place: the same sum, without a third [K, K] float64 matrix
+                self.hessian.add_(update)
 
 
 @dataclass

@@ -4,10 +4,14 @@ The model is instantiated from ``config.json`` with its parameters on the ``meta
 (buffers computed in ``__init__``, such as rotary frequencies, stay real), then every
 parameter becomes a zero-stride placeholder (one element, expanded to the parameter's
 shape: a few bytes whatever the size) so the model can run once on example inputs and
-be captured. The weights themselves are read from the shards — memory-mapped by
-``safetensors``; a page is read when first touched and unmapped with the last tensor
-using it — only when the stage that reads them runs (:meth:`LazyCheckpoint.read`).
-Nothing is ever unpickled.
+be captured. The weights themselves are read from the shards only when the stage that
+reads them runs (:meth:`LazyCheckpoint.read`): each tensor is memory-mapped on its own
+(its byte range of the shard, copy-on-write), so its pages are read when first touched
+and leave the process's resident set when that tensor is freed. (A map of the whole
+shard, as ``safetensors.safe_open`` makes, stays mapped while any tensor of the shard is
+alive: the pages an embedding lookup touched — with readahead and large page-cache
+folios, most of the table for a few hundred random tokens — would stay resident through
+the next stages reading the same shard.) Nothing is ever unpickled.
 
 Every shard named by ``model.safetensors.index.json`` must exist and have a readable
 header; a missing or corrupt shard, or a parameter with no tensor (or the wrong shape) in
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -55,6 +60,7 @@ class LazyCheckpoint:
         else:
             raise ModelLoadError(f"{self.folder} holds neither {INDEX} nor {SINGLE}: not a safetensors checkpoint")
         self.files: dict[str, tuple[str, tuple[int, ...], str]] = {}  # key -> (file, shape, dtype)
+        self._headers: dict[str, tuple[dict[str, Any], int]] = {}  # file -> (header, data start), as read
         for name in files:
             path = self.folder / name
             if not path.is_file():
@@ -83,32 +89,28 @@ class LazyCheckpoint:
         return self.files[key][1]
 
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """The tensors ``keys``, each shard opened once. The tensors are views of the shard's
-        memory map: their pages are read from disk when first touched, and the map goes
-        away with the last tensor that uses it."""
-        by_file: dict[str, list[str]] = {}
+        """The tensors ``keys``, each a view of its own copy-on-write memory map of its bytes
+        in the shard: its pages are read from disk when first touched, and the map goes away
+        with the tensor (see the module docstring)."""
+        out: dict[str, torch.Tensor] = {}
         for key in keys:
             if key not in self.files:
                 raise ModelLoadError(f"checkpoint {self.folder} has no tensor {key!r}")
-            by_file.setdefault(self.files[key][0], []).append(key)
-        out: dict[str, torch.Tensor] = {}
-        for name, names in by_file.items():
-            path = self.folder / name
+            path = self.folder / self.files[key][0]
             try:
-                with _safe_open(path) as f:
-                    for key in names:
-                        out[key] = f.get_tensor(key)
-            except Exception as exc:  # re-raised naming the file: it changed or broke since it was indexed
-                raise ModelLoadError(f"cannot read {names[0]!r} from checkpoint shard {path}: "
+                out[key] = _map_tensor(*self.raw(key))
+            except (OSError, ValueError) as exc:  # re-raised naming the file: it changed or broke since it was indexed
+                raise ModelLoadError(f"cannot read {key!r} from checkpoint shard {path}: "
                                      f"{type(exc).__name__}: {exc}") from exc
         return out
-
 
     def raw(self, key: str) -> tuple[Path, int, int, str, list[int]]:
         """Where ``key``'s bytes lie: ``(shard path, start, end, safetensors dtype, shape)``,
         for copying a tensor between files without reading it into memory."""
         name = self.files[key][0]
-        header, data_start = _header(self.folder / name)
+        if name not in self._headers:
+            self._headers[name] = _header(self.folder / name)
+        header, data_start = self._headers[name]
         entry = header[key]
         begin, end = entry["data_offsets"]
         return self.folder / name, data_start + begin, data_start + end, entry["dtype"], entry["shape"]
@@ -117,6 +119,30 @@ class LazyCheckpoint:
 _DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                 torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
                 torch.bool: "BOOL"}
+
+
+_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+
+
+def _map_tensor(path: Path, begin: int, end: int, dtype: str, shape: list[int]) -> torch.Tensor:
+    """The tensor stored in bytes ``[begin, end)`` of ``path``, as a view of a copy-on-write
+    memory map of just those bytes (from the page boundary before ``begin``); the map is
+    unmapped when the tensor (the last reference to it) is freed."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"unsupported safetensors dtype {dtype!r}")
+    torch_dtype = _DTYPES[dtype]
+    numel = 1
+    for size in shape:
+        numel *= size
+    if numel * torch_dtype.itemsize != end - begin:
+        raise ValueError(f"{end - begin} bytes cannot hold a {dtype} tensor of shape {list(shape)}")
+    if numel == 0:
+        return torch.empty(shape, dtype=torch_dtype)
+    base = begin - begin % mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), end - base, offset=base, access=mmap.ACCESS_COPY)
+    # the tensor holds the only reference to the map: it is unmapped when the tensor is freed
+    return torch.frombuffer(mapped, dtype=torch_dtype, count=numel, offset=begin - base).reshape(shape)
 
 
 def _header(path: Path) -> tuple[dict[str, Any], int]:

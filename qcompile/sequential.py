@@ -5,11 +5,12 @@ The driver of sequential (and streaming) quantization: for every stage of
 quantizes it in place given the stage's inputs for every batch, and the driver then runs
 the (now quantized) stage to make the next stages' inputs. Between stages only the values
 later stages read are kept (the main tensor plus side values such as masks, per batch);
-a stage's module — and so its weights — is dropped once its outputs are made.
+a stage's module — and so its weights — is dropped (and collected) once its outputs are made.
 A progress bar shows each stage's wall time and the process's peak resident memory.
 """
 from __future__ import annotations
 
+import gc
 import resource
 import sys
 import time
@@ -69,6 +70,10 @@ def run_stages(
         for env in envs:
             for n in [n for n in env if last_reader.get(n, -1) <= stage.index]:
                 del env[n]
+        # a GraphModule sits in reference cycles: without a collection its weights (memory
+        # maps of the checkpoint when streaming) would outlive the stage until the cyclic
+        # collector happens to run, and accumulate over stages
+        gc.collect()
         seconds = time.perf_counter() - start
         bar.set_postfix(stage=f"{seconds:.1f}s", peak_rss=f"{peak_rss_bytes() / 2**30:.2f}GiB")
         if on_done is not None:

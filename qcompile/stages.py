@@ -13,7 +13,9 @@ outputs over as it finishes. Constants (``get_attr``) belong to the stages that 
 
 The cut points split a transformer at every residual add (attention half, MLP half).
 The segments between cut points are then merged: a segment without a quantizable linear
-joins its neighbour (the embedding joins the first block, the final norm the last), and
+joins its neighbour (the embedding joins the first block, the final norm the last; with
+``separate_tables`` a linearless segment reading a weight matrix, such as the embedding
+lookup, stays a stage of its own), and
 the longest periodic run of segments with the same linear shapes is grouped by its
 period, so a decoder's stages are exactly its layers. The cut points are the
 articulation points of the dataflow graph (with side values and constants removed) that
@@ -152,11 +154,17 @@ def _segments(gm: fx.GraphModule, side: set[fx.Node]) -> list[list[fx.Node]]:
     return segs
 
 
-def _merge_linearless(segs: list[list[fx.Node]], linears: set[fx.Node]) -> list[list[fx.Node]]:
-    """Join every segment without a quantizable linear to the next one (the last ones to the previous)."""
+def _merge_linearless(segs: list[list[fx.Node]], linears: set[fx.Node],
+                      alone: Callable[[list[fx.Node]], bool] | None = None) -> list[list[fx.Node]]:
+    """Join every segment without a quantizable linear to the next one (the last ones to the
+    previous), except those for which ``alone(segment)`` holds: they stay stages of their own."""
     out: list[list[fx.Node]] = []
     pending: list[fx.Node] = []
     for seg in segs:
+        if alone is not None and not any(n in linears for n in seg) and alone(seg):
+            out.append(pending + seg)
+            pending = []
+            continue
         pending = pending + seg
         if any(n in linears for n in seg):
             out.append(pending)
@@ -195,12 +203,22 @@ def _group_periodic(sigs: list[tuple]) -> list[tuple[int, int]]:
     return ranges
 
 
-def find_stages(gm: fx.GraphModule, *, group: bool = True) -> list[Stage]:
+def _reads_matrix(gm: fx.GraphModule, seg: list[fx.Node]) -> bool:
+    """Whether a segment reads a constant of 2 or more dimensions (an embedding table)."""
+    return any(a.op == "get_attr" and _is_large_constant(gm, a) for n in seg for a in n.all_input_nodes)
+
+
+def find_stages(gm: fx.GraphModule, *, group: bool = True, separate_tables: bool = False) -> list[Stage]:
     """Consecutive stages of ``gm`` (see the module docstring). ``group=False`` keeps one
-    stage per segment between cut points that holds a linear (a transformer's halves)."""
+    stage per segment between cut points that holds a linear (a transformer's halves).
+    ``separate_tables=True`` keeps a segment without a linear that reads a weight matrix
+    (an embedding lookup table) as a stage of its own instead of joining it to its
+    neighbour, so that a stage-by-stage run never holds the table and a block's weights
+    (and its GPTQ working set) at once; the stages' results are the same either way."""
     side = side_values(gm)
     linears = set(quantizable_linears(gm))
-    segs = _merge_linearless(_segments(gm, side), linears)
+    alone = (lambda seg: _reads_matrix(gm, seg)) if separate_tables else None
+    segs = _merge_linearless(_segments(gm, side), linears, alone)
     if group and len(segs) > 1:
         sigs = [_signature(gm, s, linears) for s in segs]
         segs = [sum(segs[a:b], []) for a, b in _group_periodic(sigs)]

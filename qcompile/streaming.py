@@ -8,7 +8,9 @@ linears' statistics/Hessians collected on the outputs of the already quantized e
 stages, its weights rounded (``passes.quantize_weights.quantize_stage``, the code the
 in-memory path runs), its quantized weights written, and its float weights dropped.
 Peak memory is about one stage (weights + Hessians + GPTQ's working copies) plus the
-calibration activations of one stage boundary. Weight-only recipes without smoothing or rotation (those need the
+calibration activations of one stage boundary; the embedding lookup table is a stage of
+its own (``find_stages(..., separate_tables=True)``), so it is never resident together
+with a block's weights and GPTQ working set. Weight-only recipes without smoothing or rotation (those need the
 whole graph at once).
 
 Output (``out``), written incrementally and atomically: the run works in
@@ -188,7 +190,7 @@ def quantize_checkpoint(
     ctx = PassContext(recipe_obj, example_flat, verify=False, progress=False)
     gm = run_passes(captured.graph_module, [canonicalize], ctx)
     all_batches = flatten_calibration(captured, calibration)
-    stages = find_stages(gm)
+    stages = find_stages(gm, separate_tables=True)  # the embedding table is never held with a block's weights
     fingerprint = _fingerprint(folder, recipe_obj, all_batches, stages)
     # each rank runs and calibrates on its own share of the batches only
     batches = shard_batches(all_batches, group) if group is not None else all_batches

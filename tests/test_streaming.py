@@ -79,9 +79,12 @@ def _assert_same_weights(out, reference):
 def test_streaming_equals_in_memory_sequential(checkpoint, in_memory, tmp_path):
     out = tmp_path / "q"
     result = quantize_checkpoint(checkpoint, out, recipe=RECIPE, calibration=_calibration(), progress=False)
-    assert result.stages == 2 and result.resumed == 0
+    # the embedding lookup is a stage of its own (never held with a layer's weights), then the 2 layers
+    assert result.stages == 3 and result.resumed == 0
     assert (out / "manifest.json").is_file() and not out.with_name("q.partial").exists()
-    assert json.loads((out / "manifest.json").read_text())["done"] == [0, 1]
+    assert json.loads((out / "manifest.json").read_text())["done"] == [0, 1, 2]
+    first = read_stage(_stage_files(out)[0])
+    assert first[0] == {} and set(first[1]) == {"embed_tokens.weight"}, "stage 0 is the embedding table alone"
     _assert_same_weights(out, in_memory[True])
     floats = {}
     for f in _stage_files(out):
@@ -120,7 +123,7 @@ def test_interrupted_run_resumes(checkpoint, in_memory, tmp_path):
         quantize_checkpoint(checkpoint, out, recipe={**RECIPE, "group_size": 16}, calibration=_calibration(),
                             progress=False)
     result = quantize_checkpoint(checkpoint, out, recipe=RECIPE, calibration=_calibration(), progress=False)
-    assert result.resumed == 1 and set(result.stage_seconds) == {0, 1}
+    assert result.resumed == 1 and set(result.stage_seconds) == {0, 1, 2}
     assert not partial.exists()
     # the resumed run's weights are the uninterrupted ones (= the in-memory sequential path's)
     _assert_same_weights(out, in_memory[True])

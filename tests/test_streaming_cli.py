@@ -45,10 +45,10 @@ def test_quantize_streams_when_weights_exceed_budget(tmp_path, capsys):
     assert "not available with streaming" in capsys.readouterr().err
     assert main(base + ["--out", str(out)]) == 0
     captured = capsys.readouterr()
-    assert "stage by stage" in captured.out and "2 stages (0 resumed)" in captured.out
+    assert "stage by stage" in captured.out and "3 stages (0 resumed)" in captured.out
     assert "peak resident memory" in captured.out
     assert "stages: 100%" in captured.err and "peak_rss=" in captured.err  # the per-stage progress bar
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["complete"] and manifest["done"] == [0, 1] and manifest["recipe"]["sequential"]
+    assert manifest["complete"] and manifest["done"] == [0, 1, 2] and manifest["recipe"]["sequential"]
     report = json.loads((out / "report.json").read_text())
     assert len(report["layers"]) == 14 and all(r["format"].startswith("int4 g32") for r in report["layers"])
