@@ -17,7 +17,8 @@ per-channel, i.e. the ``"auto"`` preset's. For each model and average-bits budge
 
 Every assignment is applied through ``qcompile.quantize`` with the recipe pinning each layer
 (``precision_pins``), so all rows share one quantization path; the ``"auto"`` preset itself is
-also run at 4.5 bits (its row must match ILP/hessian with the same sample count). Metrics on held-out data: MiniLM —
+also run at 4.5 bits (its row must match ILP/hessian with the same sample count; ``--methods ''
+--budgets '' --uniform ''`` runs it alone). Metrics on held-out data: MiniLM —
 cosine of mean-pooled embeddings against float32 on 256 held-out texts (calibration: 64 other
 texts); tiny Llama — held-out loss (nats/byte) and perplexity (calibration: 8 batches of
 4 calibration windows). Also: solver time for 500 layers × 6 candidates, and the time of each
@@ -260,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     emit()
     builders = {"minilm": minilm_case, "llama": llama_case}
     for name in filter(None, args.models.split(",")):  # --models "" times the solver only
-        run_case(builders[name](), [float(b) for b in args.budgets.split(",")], args.seeds, args.samples,
-                 args.methods.split(","), args.uniform.split(","), not args.no_auto)
+        run_case(builders[name](), [float(b) for b in filter(None, args.budgets.split(","))], args.seeds,
+                 args.samples, list(filter(None, args.methods.split(","))), args.uniform.split(","),
+                 not args.no_auto)
     emit(f"(total wall time {time.perf_counter() - start:.0f} s)")
     return 0
 
