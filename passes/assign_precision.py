@@ -5,7 +5,7 @@ linear and every candidate format of ``recipe.candidates`` (``qcompile.weight_fo
 weight-only, or with the input quantized per token to INT8 / INT4),
 the sensitivity ``Ω_l(c)`` (``qcompile.sensitivity``, method ``recipe.sensitivity``, cached
 in ``ctx.analyses``) and the costs (``qcompile.cost_model``: nominal bits, stored bytes,
-BOPs, roofline latency) are computed; ``qcompile.precision_ilp`` then picks one format per
+BOPs, roofline or measured latency) are computed; ``qcompile.precision_ilp`` then picks one format per
 layer minimizing ``Σ Ω`` under the budget's limits, linears that read the same activation
 taking the same activation width (:func:`activation_ties`). Layers the recipe keeps float
 (``keep_float``, ``min_in_features``) and layers matched by ``recipe.precision_pins`` are
@@ -28,6 +28,7 @@ import torch.fx as fx
 from qcompile.cost_model import DEVICE_PROFILES, linear_costs
 from qcompile.errors import CalibrationError
 from qcompile.graph_utils import layer_name, linear_weight, quantizable_linears
+from qcompile.latency_table import measure_latency_table
 from qcompile.pipeline import GraphPass, PassContext, PassResult
 from qcompile.precision_ilp import BudgetConstraint, BudgetInfeasibleError, solve_assignment
 from qcompile.sensitivity import SensitivityTable, layer_sensitivity
@@ -58,8 +59,10 @@ def _pin(recipe, name: str, in_features: int) -> str | None:
     return None
 
 
-def budget_constraints(budget, costs, formats, sizes) -> list[BudgetConstraint]:
-    """The budget's limits as ILP constraints over ``[layers, formats]`` cost tables."""
+def budget_constraints(budget, costs, formats, sizes, allowed=None, progress: bool = False) -> list[BudgetConstraint]:
+    """The budget's limits as ILP constraints over ``[layers, formats]`` cost tables
+    (``allowed``: the formats each layer may take, the only ones a measured latency table
+    times)."""
     sizes = dict(sizes)
     for name in ("batch", "seq"):
         if getattr(budget, name) is not None:
@@ -76,7 +79,10 @@ def budget_constraints(budget, costs, formats, sizes) -> list[BudgetConstraint]:
     if "bops" in limits:
         table = np.array([[c.evaluate(c.bops(f), sizes) for f in formats] for c in costs])
         out.append(BudgetConstraint("bops", table, limits["bops"]))
-    if "latency_ms" in limits:
+    if "latency_ms" in limits and budget.device == "measured":
+        table = measure_latency_table(costs, formats, sizes, allowed=allowed, progress=progress)
+        out.append(BudgetConstraint("latency_ms", table, limits["latency_ms"]))
+    elif "latency_ms" in limits:
         device = DEVICE_PROFILES[budget.device]
         table = np.array([[c.evaluate(c.latency(f, device), sizes) * 1e3 for f in formats] for c in costs])
         out.append(BudgetConstraint("latency_ms", table, limits["latency_ms"]))
@@ -132,7 +138,7 @@ def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     else:
         table = _sensitivity(gm, ctx, nodes, formats)
     costs, sizes = linear_costs(gm, nodes)
-    constraints = budget_constraints(recipe.budget, costs, formats, sizes)
+    constraints = budget_constraints(recipe.budget, costs, formats, sizes, allowed, ctx.progress)
     ties, classes = activation_ties(nodes, formats, pins)
     try:
         result = solve_assignment(table.omega, constraints, allowed, ties, tie_classes=classes)

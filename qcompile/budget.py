@@ -38,9 +38,11 @@ class Budget:
             their dtype's size).
         bops: total bit operations ``Σ M·N·K·bits_w·bits_a`` at the sizes below (``bits_a``
             16 for weight-only formats, 8 / 4 for candidates that quantize activations).
-        latency_ms: total roofline latency of the linears on ``device`` at the sizes below
-            (``qcompile.cost_model``).
-        device: the device profile of ``latency_ms`` (``"cpu"`` or ``"h100"``).
+        latency_ms: total latency of the linears at the sizes below: a roofline on
+            ``device`` (``qcompile.cost_model``), or measured on this machine.
+        device: the device profile of ``latency_ms`` (``"cpu"`` or ``"h100"``), or
+            ``"measured"``: each linear's op timed in each candidate format here
+            (``qcompile.latency_table``).
         batch, seq: the sizes BOPs and latency are evaluated at; None: the example inputs'.
     """
 
@@ -59,8 +61,9 @@ class Budget:
             object.__setattr__(self, name, _positive(name, getattr(self, name)))
         if all(getattr(self, n) is None for n in ("avg_bits", "bytes", "bops", "latency_ms")):
             raise RecipeError("a Budget needs at least one of avg_bits, bytes, bops, latency_ms")
-        if self.device not in DEVICE_PROFILES:
-            raise RecipeError(f"Budget.device must be one of {sorted(DEVICE_PROFILES)}, got {self.device!r}")
+        if self.device not in (*DEVICE_PROFILES, "measured"):
+            raise RecipeError(f"Budget.device must be one of {sorted(DEVICE_PROFILES) + ['measured']}, "
+                              f"got {self.device!r}")
         for name in ("batch", "seq"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

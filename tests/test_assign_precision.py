@@ -342,3 +342,47 @@ def test_activation_formats_chosen_per_layer_with_ties_and_bops_budget(canonical
         got = lowered(*other)[0]
     # the kernels dequantize in their epilogues (int dots, float32 scales): float32 rounding, not format error
     assert float((got - expected).norm()) <= 1e-4 * float(expected.norm())
+
+
+@pytest.mark.parametrize("name", ["w3", "w4", "w8", "w8a8", "w4a8", "w4a4", "float"])
+def test_format_linear_computes_the_format(name):
+    """The op a measured latency table times is the layer in that format: x̂ Ŵᵀ."""
+    from qcompile.latency_table import format_linear
+    from qcompile.weight_formats import candidate_formats, fake_quantize, fake_quantize_activation
+
+    gen = torch.Generator().manual_seed(int(_rng().integers(1 << 31)))
+    fmt = candidate_formats((name,), 32, False)[0]
+    w, x = torch.randn(37, 96, generator=gen), torch.randn(19, 96, generator=gen)
+    expected = fake_quantize_activation(x, fmt).double() @ fake_quantize(w, fmt).double().T
+    got = format_linear(fmt, w)(x).double()
+    # weight-only CPU kernels compute with bf16 activations (2^-9 relative rounding per
+    # element); the others in float32 after exact integer dots
+    tol = 1e-2 if fmt.act_bits == 16 and not fmt.is_float else 1e-5
+    assert float((got - expected).norm()) <= tol * float(expected.norm())
+
+
+def test_measured_latency_budget(canonical_zoo):
+    from qcompile.cost_model import linear_costs
+    from qcompile.latency_table import measure_latency_table
+    from qcompile.weight_formats import candidate_formats
+
+    gm, example, other = canonical_zoo("llama")
+    nodes = quantizable_linears(gm)
+    costs, sizes = linear_costs(gm, nodes)
+    formats = candidate_formats(("w4", "w8", "w8a8", "float"), 32, False)
+    table = measure_latency_table(costs, formats, sizes, repeat=3, progress=False)
+    assert table.shape == (len(nodes), 4) and np.isfinite(table).all() and (table > 0).all()
+    shapes = [(c.out_features, c.in_features) for c in costs]
+    for i, j in itertools.combinations(range(len(costs)), 2):  # one measurement per shape
+        assert (table[i] == table[j]).all() == (shapes[i] == shapes[j])
+    lo, hi = table.min(1).sum(), table.max(1).sum()
+    recipe = PRESETS["auto"].replace(sensitivity="local", group_size=32, clip_ratios=(),
+                                     candidates=("w4", "w8", "w8a8", "float"),
+                                     budget=Budget(latency_ms=lo + 0.75 * (hi - lo), device="measured"))
+    ctx = PassContext(recipe, example, calibration=[example, other], progress=False)
+    run_passes(gm, [assign_precision], ctx)
+    problem = ctx.analyses["precision"]
+    con = problem["constraints"][0]
+    assert con.name == "latency_ms" and (con.costs > 0).all()
+    choice = problem["assignment"].choice
+    assert con.total(choice) <= con.limit and problem["assignment"].totals["latency_ms"] == con.total(choice)
