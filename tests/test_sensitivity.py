@@ -212,12 +212,15 @@ def test_local_sensitivity_is_mean_output_error_per_token():
     assert (table.omega[:, 0] > table.omega[:, 1]).all() and (table.omega[:, 1] > table.omega[:, 2]).all()
 
 
-def test_end_to_end_sensitivity_is_measured_loss_increase():
+@pytest.mark.parametrize("names", [("w3", "w8"), ("w4a4", "w8a8")])
+def test_end_to_end_sensitivity_is_measured_loss_increase(names):
+    """Ω e2e is the loss increase with one layer quantized: its weight rounded and, for a
+    candidate that quantizes activations, its input quantized per token too."""
     gen = _gen()
     model = _MLP(gen).double().eval()
     batches = [torch.randn(3, 4, 7, generator=gen, dtype=torch.float64) for _ in range(2)]
     gm, _ = _canonical(model, batches[0])
-    formats = candidate_formats(("w3", "w8"), None, True)
+    formats = candidate_formats(names, None, True)
     table = layer_sensitivity(gm, [[b] for b in batches], quantizable_linears(gm), formats, method="e2e",
                               loss="mse", progress=False)
     for i, name in enumerate(("fc1", "fc2")):
@@ -225,20 +228,28 @@ def test_end_to_end_sensitivity_is_measured_loss_increase():
             twin = copy.deepcopy(model)
             module = getattr(twin, name)
             module.weight.data = fake_quantize(module.weight, fmt).double()
+            if fmt.quantizes_activations:
+                module.register_forward_pre_hook(lambda _m, a, f=fmt: (fake_quantize_activation(a[0], f).double(),))
             with torch.no_grad():
                 expected = np.mean([float((twin(b) - model(b)).pow(2).mean()) for b in batches])
             # float64 throughout: agreement to rounding
             assert table.omega[i, j] == pytest.approx(expected, rel=1e-9)
 
 
-def test_hessian_sensitivity_uses_trace_per_weight_times_rounding_energy():
+def _hessian_table(names, symmetric):
+    """A fresh float64 MLP, its input, the formats ``names`` and their Hessian Ω (8 HVPs, MSE)."""
     gen = _gen()
     model = _MLP(gen).double().eval()
     x = torch.randn(2, 3, 7, generator=gen, dtype=torch.float64)
     gm, flat = _canonical(model, x)
-    formats = candidate_formats(("w4", "float"), None, False)
+    formats = candidate_formats(names, None, symmetric)
     table = layer_sensitivity(gm, [flat], quantizable_linears(gm), formats, method="hessian", samples=8,
                               loss="mse", progress=False)
+    return model, x, formats, table
+
+
+def test_hessian_sensitivity_uses_trace_per_weight_times_rounding_energy():
+    model, _, formats, table = _hessian_table(("w4", "float"), False)
     assert table.traces is not None and table.traces.samples == 8
     for i, name in enumerate(("fc1", "fc2")):
         w = getattr(model, name).weight
@@ -302,33 +313,8 @@ def test_activation_candidates_add_the_exact_activation_output_error():
     assert (table.omega[:, 2] > table.omega[:, 1]).all() and (table.omega[:, 2] > table.omega[:, 0]).all()
 
 
-def test_end_to_end_sensitivity_quantizes_the_layer_input_for_activation_candidates():
-    gen = _gen()
-    model = _MLP(gen).double().eval()
-    batches = [torch.randn(2, 3, 7, generator=gen, dtype=torch.float64) for _ in range(2)]
-    gm, _ = _canonical(model, batches[0])
-    formats = candidate_formats(("w4a4", "w8a8"), None, True)
-    table = layer_sensitivity(gm, [[b] for b in batches], quantizable_linears(gm), formats, method="e2e",
-                              loss="mse", progress=False)
-    for i, name in enumerate(("fc1", "fc2")):
-        for j, fmt in enumerate(formats):
-            twin = copy.deepcopy(model)
-            module = getattr(twin, name)
-            module.weight.data = fake_quantize(module.weight, fmt).double()
-            module.register_forward_pre_hook(lambda _m, a, f=fmt: (fake_quantize_activation(a[0], f).double(),))
-            with torch.no_grad():
-                expected = np.mean([float((twin(b) - model(b)).pow(2).mean()) for b in batches])
-            assert table.omega[i, j] == pytest.approx(expected, rel=1e-9)  # float64 throughout
-
-
 def test_hessian_sensitivity_scales_the_activation_error_by_the_output_curvature():
-    gen = _gen()
-    model = _MLP(gen).double().eval()
-    x = torch.randn(2, 3, 7, generator=gen, dtype=torch.float64)
-    gm, flat = _canonical(model, x)
-    formats = candidate_formats(("w8", "w8a8"), None, True)
-    table = layer_sensitivity(gm, [flat], quantizable_linears(gm), formats, method="hessian", samples=8,
-                              loss="mse", progress=False)
+    model, x, formats, table = _hessian_table(("w8", "w8a8"), True)
     x1 = x.reshape(-1, 7)
     for i, (name, inp) in enumerate((("fc1", x1), ("fc2", torch.tanh(model.fc1(x1))))):
         w = getattr(model, name).weight.detach()
