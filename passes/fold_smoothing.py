@@ -15,7 +15,11 @@ per-channel scale s from calibration statistics (:mod:`qcompile.smoothing`) and 
   with 16-bit activations it stays a multiply. Otherwise the group is left alone.
 
 ``smooth="alpha"`` uses the recipe's α everywhere; ``smooth="search"`` picks α per group
-(or no smoothing) by the group's quantized output error on calibration samples. With 8-bit
+(or no smoothing) by the group's quantized output error on calibration samples — or, with
+``smooth_objective="stage"`` (weight-only), by the error of the outputs of the whole stage
+(``qcompile.stages``: a transformer layer) holding the group's linears
+(:mod:`qcompile.stage_smoothing`; a group whose linears span two stages, or a graph without
+a stage cut, keeps the group objective and its report row says why). With 8-bit
 (or 4-bit) activations the candidates are SmoothQuant's scales ``max|X|^α / max|W|^(1-α)``
 rounded to powers of two, so the rewrite is exact in the model's precision. With 16-bit
 activations (weight-only, AWQ) they are AWQ's scales ``mean|X|^α / mean|Ŵ|^(1-α)``
@@ -47,8 +51,16 @@ from qcompile.graph_utils import (
 )
 from qcompile.hadamard import apply_hadamard, random_signs, rotation_plan
 from qcompile.pipeline import GraphPass, PassContext, PassResult
-from qcompile.smoothing import awq_scales, search_scales, smoothing_scales, weight_column_absmax, weight_group_absmean
+from qcompile.smoothing import (
+    awq_scales,
+    candidate_scales,
+    search_scales,
+    smoothing_scales,
+    weight_column_absmax,
+    weight_group_absmean,
+)
 from qcompile.smoothing_groups import SmoothingGroup, constant_value, find_smoothing_groups
+from qcompile.stage_smoothing import plan_stage_search, search_on_stages
 
 aten = torch.ops.aten
 
@@ -138,28 +150,69 @@ def _following_rotation(recipe, group: SmoothingGroup):
     return lambda t: apply_hadamard(t, plan, signs)
 
 
-def _choose_scale(ctx: PassContext, gm: fx.GraphModule, group: SmoothingGroup, stats, samples):
-    """(alpha or None, scale or None, note, (error without smoothing, chosen error) or None)."""
-    recipe = ctx.recipe
+def _candidate_stats(recipe, gm: fx.GraphModule, group: SmoothingGroup, stats):
+    """The activation statistic and the ``search_scales`` / ``candidate_scales`` keyword
+    arguments (weight statistic, scale function) of a group's candidates.
+
+    With 16-bit activations (weight-only, AWQ) AWQ's mean statistics and unrounded scales;
+    otherwise SmoothQuant's abs-max and power-of-two scales."""
     weights = [linear_weight(gm, c) for c in group.consumers]
     act = stats.layers[layer_name(group.consumers[0])]
-    if recipe.smooth == "alpha":
-        s = smoothing_scales(act.absmax, weight_column_absmax(weights), recipe.smooth_alpha)
-        return recipe.smooth_alpha, s, "", None
     if recipe.activation_bits == 16:  # weight-only: AWQ's mean statistics, scales not rounded
         group_size, _ = weight_group_size(recipe, group.channels)
         stat_args = dict(weight_stat=weight_group_absmean(weights, group_size), scale_fn=awq_scales)
         act_stat = act.absmean
     else:
         stat_args, act_stat = {}, act.absmax
-    found = search_scales(
-        samples[group.consumers[0]], weights, act_stat, recipe.smooth_alphas,
-        weight_fake_quant(recipe, group.channels), activation_fake_quant(recipe), _following_rotation(recipe, group),
-        **stat_args,
-    )
+    return act_stat, stat_args
+
+
+def _stage_searches(ctx: PassContext, gm: fx.GraphModule, groups: list[SmoothingGroup], stats):
+    """``smooth_objective="stage"``: ({group index: ScaleSearch}, {group index: why it falls back})
+    over the groups the search covers (online groups only with ``smooth_online``)."""
+    recipe = ctx.recipe
+    searched = [i for i, g in enumerate(groups) if g.kind != "online" or recipe.smooth_online]
+    subset = [groups[i] for i in searched]
+    plan = plan_stage_search(gm, subset)
+
+    def candidates(group: SmoothingGroup):
+        act_stat, stat_args = _candidate_stats(recipe, gm, group, stats)
+        weights = [linear_weight(gm, c) for c in group.consumers]
+        cands = candidate_scales(weights, act_stat, recipe.smooth_alphas, **stat_args)
+        return cands, weight_fake_quant(recipe, group.channels)
+
+    found = search_on_stages(gm, subset, plan, ctx.calibration, candidates, progress=ctx.progress)
+    staged = {searched[j]: (search, plan.stage_of[j]) for j, search in found.items()}
+    fallback = {searched[j]: why for j, why in plan.fallback.items()}
+    return staged, fallback
+
+
+def _choose_scale(ctx: PassContext, gm: fx.GraphModule, group: SmoothingGroup, stats, samples,
+                  staged=None, fallback: str = ""):
+    """(alpha or None, scale or None, note, (error without smoothing, chosen error) or None).
+
+    ``staged`` is the stage objective's ``(ScaleSearch, stage index)`` for this group;
+    ``fallback`` why a stage-objective recipe scored this group by its own outputs."""
+    recipe = ctx.recipe
+    weights = [linear_weight(gm, c) for c in group.consumers]
+    act = stats.layers[layer_name(group.consumers[0])]
+    if recipe.smooth == "alpha":
+        s = smoothing_scales(act.absmax, weight_column_absmax(weights), recipe.smooth_alpha)
+        return recipe.smooth_alpha, s, "", None
+    if staged is not None:
+        found, stage_index = staged
+        how = f"stage {stage_index} search"
+    else:
+        act_stat, stat_args = _candidate_stats(recipe, gm, group, stats)
+        found = search_scales(
+            samples[group.consumers[0]], weights, act_stat, recipe.smooth_alphas,
+            weight_fake_quant(recipe, group.channels), activation_fake_quant(recipe),
+            _following_rotation(recipe, group), **stat_args,
+        )
+        how = f"search (group objective: {fallback})" if fallback else "search"
     base = found.errors[None]
     best = found.errors[found.alpha]
-    note = f"search: err {base:.2e} -> {best:.2e}"
+    note = f"{how}: err {base:.2e} -> {best:.2e}"
     return found.alpha, found.scale, note, (base, best)
 
 
@@ -173,15 +226,17 @@ def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     linears = linears_to_quantize(gm, recipe)
     groups = find_smoothing_groups(gm, linears)
     stats = collect_linear_stats(gm, ctx.calibration, progress=ctx.progress)
+    staged, fallback = {}, {}
+    if recipe.smooth == "search" and recipe.smooth_objective == "stage":
+        staged, fallback = _stage_searches(ctx, gm, groups, stats)
     samples = {}
-    if recipe.smooth == "search":
-        samples = collect_input_samples(
-            gm, ctx.calibration, [g.consumers[0] for g in groups if g.kind != "online" or recipe.smooth_online],
-            max_rows=SEARCH_ROWS, progress=ctx.progress,
-        )
+    sampled = [g.consumers[0] for i, g in enumerate(groups)
+               if (g.kind != "online" or recipe.smooth_online) and i not in staged]
+    if recipe.smooth == "search" and sampled:
+        samples = collect_input_samples(gm, ctx.calibration, sampled, max_rows=SEARCH_ROWS, progress=ctx.progress)
     ctx.analyses["smoothing_groups"] = groups
     modified = False
-    for group in tqdm(groups, desc="smoothing", unit="group", disable=not ctx.progress, leave=False):
+    for index, group in enumerate(tqdm(groups, desc="smoothing", unit="group", disable=not ctx.progress, leave=False)):
         rows = [
             ctx.layers.setdefault(layer_name(c), {"layer": layer_name(c), "shape": tuple(linear_weight(gm, c).shape)})
             for c in group.consumers
@@ -190,7 +245,8 @@ def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             for row in rows:
                 row["smoothing"] = f"none ({group.reason}; smooth_online=False)"
             continue
-        alpha, s, note, errors = _choose_scale(ctx, gm, group, stats, samples)
+        alpha, s, note, errors = _choose_scale(ctx, gm, group, stats, samples, staged.get(index),
+                                               fallback.get(index, ""))
         where = group.describe()
         for row in rows:
             row["smoothing_alpha"] = alpha

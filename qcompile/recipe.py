@@ -14,6 +14,7 @@ _ACTIVATION_BITS = (16, 8, 4)
 _ACTIVATION_FORMATS = ("int", "fp8")
 _ACTIVATION_SCALES = ("dynamic", "static")
 _SMOOTH = ("off", "alpha", "search")
+_SMOOTH_OBJECTIVES = ("group", "stage")
 _ROTATE = ("off", "input", "residual")
 _METHODS = ("rtn", "gptq")
 
@@ -46,6 +47,15 @@ class Recipe:
             ``"alpha"`` (scale ``max|X|^α / max|W|^(1-α)`` with ``smooth_alpha``) or
             ``"search"`` (per group, the α of ``smooth_alphas`` — or none — with the least
             quantized output error on calibration data). Needs calibration.
+        smooth_objective: what ``smooth="search"`` minimizes per group: ``"group"`` — the
+            quantized output error of the group's own linears on sampled calibration rows —
+            or ``"stage"`` — the error of the outputs of the whole stage holding the group
+            (``qcompile.stages``: a transformer layer, so attention, FFN and norms count;
+            each token's error relative to its norm), run on the calibration batches with
+            the group's weights fake-quantized
+            (``qcompile.stage_smoothing``); weight-only recipes without rotations only. A
+            group whose linears span two stages, or a graph with no stage cut, keeps
+            ``"group"`` (the report row says why).
         smooth_alpha: α for ``smooth="alpha"`` (SmoothQuant's migration strength).
         smooth_alphas: the grid ``smooth="search"`` tries.
         smooth_online: where no op upstream can absorb a group's scale, apply it online
@@ -134,6 +144,7 @@ class Recipe:
     activation_scale: str = "dynamic"
     smooth: str = "off"
     smooth_alpha: float = 0.5
+    smooth_objective: str = "group"
     smooth_alphas: tuple[float, ...] = ()
     smooth_online: bool = True
     rotate: str = "off"
@@ -267,6 +278,16 @@ class Recipe:
         object.__setattr__(self, "smooth_alphas", tuple(float(a) for a in alphas))
         if not isinstance(self.smooth_online, bool):
             raise RecipeError(f"smooth_online must be True or False, got {self.smooth_online!r}")
+        if self.smooth_objective not in _SMOOTH_OBJECTIVES:
+            raise RecipeError(f"smooth_objective must be one of {_SMOOTH_OBJECTIVES}, got {self.smooth_objective!r}")
+        if self.smooth_objective == "stage":
+            if self.smooth != "search":
+                raise RecipeError(f'smooth_objective="stage" scores the candidates of smooth="search", got smooth={self.smooth!r}')
+            if self.activation_bits != 16:
+                raise RecipeError('smooth_objective="stage" fake-quantizes weights only: it needs activation_bits=16, '
+                                  f"got {self.activation_bits}")
+            if self.rotate != "off":
+                raise RecipeError(f'smooth_objective="stage" does not model rotations: it needs rotate="off", got {self.rotate!r}')
 
     @property
     def needs_calibration(self) -> str:
@@ -333,11 +354,12 @@ PRESETS: dict[str, Recipe] = {
     "w4a16-gptq": Recipe(name="w4a16-gptq", weight_bits=4, group_size=128, symmetric=False, clip_ratios=CLIP_SEARCH,
                          method="gptq"),
     # AWQ: per group the scale mean|x|^a / mean|w|^(1-a) (a on AWQ's grid, or none) with the
-    # least quantized output error (online where no producer absorbs it: a multiply per
-    # group), then each weight group's range by its exact output error (H blocks). On
+    # least quantized error of its stage's (transformer layer's) outputs (online where no
+    # producer absorbs it: a multiply per group), then each weight group's range by its
+    # exact output error (H blocks). On
     # MiniLM see BENCHMARKS.md (w4a16-awq against w4a16).
     "w4a16-awq": Recipe(name="w4a16-awq", weight_bits=4, group_size=128, symmetric=False, clip_ratios=CLIP_SEARCH,
-                        clip_objective="hessian", smooth="search", smooth_alphas=AWQ_SEARCH),
+                        clip_objective="hessian", smooth="search", smooth_alphas=AWQ_SEARCH, smooth_objective="stage"),
     # per group, the smoothing exponent (or none) with the least quantized output error: on
     # MiniLM 0.9990 mean cosine against 0.9986 for SmoothQuant's fixed alpha = 0.5
     "w8a8": Recipe(name="w8a8", weight_bits=8, activation_bits=8, smooth="search"),

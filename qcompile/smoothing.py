@@ -21,7 +21,9 @@ how well the result quantizes (SmoothQuant's α itself is a coarse knob).
 :func:`search_scales` is the AWQ-style search: for each α of a grid (and "no
 smoothing"), quantize the scaled weights (and activations, for W8A8) with the recipe's
 quantizers and measure the group's relative output error on calibration samples; keep
-the α with the least error.
+the α with the least error. Its candidates come from :func:`candidate_scales` and the
+winner from :func:`best_candidate`, which ``qcompile.stage_smoothing`` shares to score the
+same candidates on a whole stage's outputs instead.
 
 :func:`awq_scales` is AWQ's own scale for weight-only quantization (AutoAWQ's
 ``duo_scaling``): ``s_j = mean|X_j|^α / mean|Ŵ_j|^(1-α)`` normalized by
@@ -48,6 +50,8 @@ __all__ = [
     "weight_column_absmax",
     "group_output_error",
     "ScaleSearch",
+    "candidate_scales",
+    "best_candidate",
     "search_scales",
 ]
 
@@ -162,6 +166,29 @@ class ScaleSearch:
     errors: dict[Optional[float], float]
 
 
+def candidate_scales(
+    weights: Sequence[torch.Tensor],
+    act_stat: torch.Tensor,
+    alphas: Sequence[float],
+    *,
+    weight_stat: Optional[torch.Tensor] = None,
+    scale_fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = smoothing_scales,
+) -> dict[Optional[float], Optional[torch.Tensor]]:
+    """The candidates of a search: ``{None: None}`` (no smoothing), then for every α
+    ``scale_fn(act_stat, weight_stat, α)`` (``weight_stat`` defaults to the weights' column
+    abs-max). The candidates do not depend on how they are scored."""
+    w_stat = weight_column_absmax(weights) if weight_stat is None else weight_stat
+    scales: dict[Optional[float], Optional[torch.Tensor]] = {None: None}
+    for alpha in alphas:
+        scales[alpha] = scale_fn(act_stat, w_stat, alpha)
+    return scales
+
+
+def best_candidate(errors: dict[Optional[float], float]) -> Optional[float]:
+    """The α with the least error; a tie goes to no smoothing (None), then to the first α."""
+    return min(errors, key=lambda a: (errors[a], a is not None))
+
+
 def search_scales(
     x: torch.Tensor,
     weights: Sequence[torch.Tensor],
@@ -181,16 +208,12 @@ def search_scales(
     power-of-two :func:`smoothing_scales` with the weights' column abs-max; AWQ passes
     :func:`awq_scales` with the activations' mean |x| and :func:`weight_group_absmean`.
     """
-    w_absmax = weight_column_absmax(weights) if weight_stat is None else weight_stat
+    scales = candidate_scales(weights, act_stat, alphas, weight_stat=weight_stat, scale_fn=scale_fn)
     xf = x.detach().float()
     exact = [xf @ w.detach().float().T for w in weights]
-    errors: dict[Optional[float], float] = {
-        None: group_output_error(x, weights, None, quantize_weight, quantize_activation, exact, rotation)
+    errors = {
+        alpha: group_output_error(x, weights, s, quantize_weight, quantize_activation, exact, rotation)
+        for alpha, s in scales.items()
     }
-    scales: dict[Optional[float], Optional[torch.Tensor]] = {None: None}
-    for alpha in alphas:
-        s = scale_fn(act_stat, w_absmax, alpha)
-        scales[alpha] = s
-        errors[alpha] = group_output_error(x, weights, s, quantize_weight, quantize_activation, exact, rotation)
-    best = min(errors, key=lambda a: (errors[a], a is not None))  # ties: no smoothing
+    best = best_candidate(errors)
     return ScaleSearch(best, scales[best], errors)
