@@ -67,20 +67,27 @@ def weight_column_absmax(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([w.detach().float().abs().amax(dim=0) for w in weights]).amax(dim=0)
 
 
+def _log2_ratio(act_stat: torch.Tensor, weight_stat: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log2(act^α / weight^(1-α))`` in float64 ``[K]`` and the mask of usable channels
+    (both statistics finite and positive; the others read as 1 on both sides)."""
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"smoothing alpha must be in [0, 1], got {alpha!r}")
+    a = act_stat.detach().double()
+    w = weight_stat.detach().double()
+    if a.shape != w.shape or a.dim() != 1:
+        raise ValueError(f"activation and weight statistics must both be [K], got {tuple(a.shape)} and {tuple(w.shape)}")
+    ok = torch.isfinite(a) & torch.isfinite(w) & (a > 0) & (w > 0)
+    log2 = alpha * torch.log2(torch.where(ok, a, 1.0)) - (1.0 - alpha) * torch.log2(torch.where(ok, w, 1.0))
+    return log2, ok
+
+
 def smoothing_scales(act_stat: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
     """Power-of-two scales ``act_stat^α / weight_absmax^(1-α)``, float32 ``[K]``.
 
     ``act_stat`` is the activation's per-channel statistic (SmoothQuant: abs-max over
     calibration tokens). Degenerate channels (zero or non-finite statistic) get 1.
     """
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"smoothing alpha must be in [0, 1], got {alpha!r}")
-    a = act_stat.detach().double()
-    w = weight_absmax.detach().double()
-    if a.shape != w.shape or a.dim() != 1:
-        raise ValueError(f"activation and weight statistics must both be [K], got {tuple(a.shape)} and {tuple(w.shape)}")
-    ok = torch.isfinite(a) & torch.isfinite(w) & (a > 0) & (w > 0)
-    log2 = alpha * torch.log2(torch.where(ok, a, 1.0)) - (1.0 - alpha) * torch.log2(torch.where(ok, w, 1.0))
+    log2, ok = _log2_ratio(act_stat, weight_absmax, alpha)
     exponent = torch.round(log2).clamp(-MAX_EXPONENT, MAX_EXPONENT)
     return torch.where(ok, torch.exp2(exponent), 1.0).float()
 
@@ -110,14 +117,7 @@ def awq_scales(act_absmean: torch.Tensor, weight_absmean: torch.Tensor, alpha: f
     others); the ratio of largest to smallest scale is capped at ``2**(2·MAX_EXPONENT)``
     (scales within ``2**±MAX_EXPONENT`` after normalization).
     """
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"smoothing alpha must be in [0, 1], got {alpha!r}")
-    a = act_absmean.detach().double()
-    w = weight_absmean.detach().double()
-    if a.shape != w.shape or a.dim() != 1:
-        raise ValueError(f"activation and weight statistics must both be [K], got {tuple(a.shape)} and {tuple(w.shape)}")
-    ok = torch.isfinite(a) & torch.isfinite(w) & (a > 0) & (w > 0)
-    log2 = alpha * torch.log2(torch.where(ok, a, 1.0)) - (1.0 - alpha) * torch.log2(torch.where(ok, w, 1.0))
+    log2, ok = _log2_ratio(act_absmean, weight_absmean, alpha)
     log2 = torch.where(ok, log2, 0.0)
     log2 = log2 - 0.5 * (log2.max() + log2.min())  # s / sqrt(max(s) min(s))
     return torch.exp2(log2.clamp(-MAX_EXPONENT, MAX_EXPONENT))
