@@ -309,9 +309,10 @@ def _inverse_cholesky(make_h: Callable[[], torch.Tensor], damp: float) -> tuple[
             # (H + λI)⁻¹ from the factor by triangular solves against I: same result as
             # torch.cholesky_inverse to float64 rounding, and 10-50x faster on CPU (LAPACK
             # potri measured 36 s for K = 2048 against 0.75 s here, on 2 cores). The two
-            # solves run in place on a column-major identity: bit for bit what
-            # torch.cholesky_solve(I, factor) returns, without its copy of the factor and of
-            # the right-hand side (K = 5632: 0.25 GB above the factor instead of 0.74 GB)
+            # solves run in place on a column-major identity: with the column-major factor
+            # cholesky_ex returns, bit for bit what torch.cholesky_solve(I, factor) returns,
+            # without its copies of the factor and the right-hand side (K = 5632: 0.25 GB
+            # above the factor instead of 0.74 GB, benchmarks/gptq_inverse_memory.py)
             inverse = torch.eye(k, dtype=factor.dtype).mT
             torch.linalg.solve_triangular(factor, inverse, upper=False, out=inverse)
             torch.linalg.solve_triangular(factor.mT, inverse, upper=True, out=inverse)
