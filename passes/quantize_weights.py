@@ -148,6 +148,12 @@ def _method_label(recipe: Recipe) -> str:
     return " gptq act-order" + ("" if recipe.gptq_static_groups else " (grouped)")
 
 
+def _grid_label(recipe: Recipe, stats, bits: int, group: int | None, symmetric: bool) -> str:
+    """The report's name of a rounded weight: grid, grouping, symmetry, range search, method."""
+    return (f"int{bits} " + (f"g{group}" if group else "per-channel") + (" sym" if symmetric else " asym")
+            + _clip_label(recipe, stats) + _method_label(recipe))
+
+
 def _act_format(recipe: Recipe) -> str:
     if recipe.activation_format == "fp8":
         return "fp8 e4m3 w per-channel, a per-token"
@@ -201,9 +207,7 @@ def _quantize_linear(gm: fx.GraphModule, node: fx.Node, recipe: Recipe, stats, l
         target.meta[ACT_BITS_META] = recipe.activation_bits
         activations = f", a int{recipe.activation_bits} per-token"
     row.update(
-        format=f"int{bits} " + (f"g{group}" if group else "per-channel")
-        + (" sym" if symmetric else " asym") + _clip_label(recipe, layer_stats) + _method_label(recipe)
-        + activations,
+        format=_grid_label(recipe, layer_stats, bits, group, symmetric) + activations,
         bits=bits,
         group_size=group,
         bytes=qweight.nbytes,
@@ -230,8 +234,7 @@ def _quantize_chosen_w_a(recipe: Recipe, weight: torch.Tensor, chosen, stats, ro
     target.meta[QWEIGHT_META] = qweight
     target.meta[ACT_BITS_META] = chosen.act_bits
     row.update(
-        format=f"int{chosen.grid_bits} " + (f"g{group}" if group else "per-channel")
-        + (" sym" if chosen.symmetric else " asym") + _clip_label(recipe, stats) + _method_label(recipe)
+        format=_grid_label(recipe, stats, chosen.grid_bits, group, chosen.symmetric)
         + f", a int{chosen.act_bits} per-token",
         bits=chosen.grid_bits, group_size=group, bytes=qweight.nbytes, note=_join_notes(note, row.pop("gptq_note", "")),
     )
