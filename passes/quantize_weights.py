@@ -47,7 +47,7 @@ from qcompile.act_quant import INT8_QMAX, ActQuantWeight, quantize_weight_fp8
 from qcompile.calibration import collect_linear_stats
 from qcompile.errors import CalibrationError
 from qcompile.fake_quant import weight_group_size
-from qcompile.gptq import GPTQResult, gptq_quantize, proxy_loss, rtn_dequantized
+from qcompile.gptq import GPTQResult, gptq_quantize, proxy_loss, rtn_proxy_loss
 from qcompile.graph_utils import ACT_BITS_META, ACTQ_META, QWEIGHT_META, layer_name, linear_weight, quantizable_linears
 from qcompile.pipeline import GraphPass, PassContext, PassResult
 from qcompile.quantizers import QuantizedWeight, dequantize_weight, quantize_weight_rtn, weight_grid
@@ -102,10 +102,10 @@ def _round(recipe: Recipe, weight: torch.Tensor, bits: int, group: int | None, s
         block_size=recipe.gptq_block_size, clip_ratios=recipe.clip_ratios or None,
         clip_weighted=recipe.clip_objective == "output", static_groups=static, grid=grid if static else None,
     )
-    reference = proxy_loss(weight, torch.zeros_like(weight), hessian)  # tr(W H Wᵀ)
+    reference = proxy_loss(weight, None, hessian)  # tr(W H Wᵀ)
     scale = reference if reference > 0 else 1.0
     row["gptq_loss"] = result.loss / scale
-    row["rtn_loss"] = proxy_loss(weight, rtn_dequantized(weight, grid), hessian) / scale
+    row["rtn_loss"] = rtn_proxy_loss(weight, grid, hessian) / scale
     notes = []
     if result.dead_channels:
         notes.append(f"{result.dead_channels} dead input channel(s) zeroed")

@@ -41,11 +41,13 @@ Conventions here:
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from scipy.linalg import lapack as scipy_lapack
 
 from .quantizers import (
     QuantizedWeight,
@@ -53,10 +55,14 @@ from .quantizers import (
     grid_storage_bits,
     quantized_weight_from_codes,
     round_to_grid,
+    row_blocks,
     weight_grid,
 )
 
-__all__ = ["GPTQResult", "GPTQWarning", "gptq_quantize", "proxy_loss", "rtn_dequantized", "MAX_DAMP_RAISES"]
+__all__ = [
+    "GPTQResult", "GPTQWarning", "gptq_quantize", "proxy_loss", "rtn_proxy_loss", "rtn_dequantized",
+    "MAX_DAMP_RAISES",
+]
 
 MAX_DAMP_RAISES = 8
 
@@ -90,12 +96,17 @@ class GPTQResult:
         return self.damp != self.damp_requested
 
 
-def proxy_loss(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
+def proxy_loss(w: torch.Tensor, w_hat: torch.Tensor | None, hessian: torch.Tensor) -> float:
     """``tr((ŵ − w) H (ŵ − w)ᵀ)`` in float64: the summed squared output error over the
-    calibration tokens whose ``Σ x xᵀ`` is ``hessian``."""
-    delta = w_hat.detach().to(torch.float64) - w.detach().to(torch.float64)
-    h = hessian.detach().to(torch.float64)
-    return float(((delta @ h) * delta).sum())
+    calibration tokens whose ``Σ x xᵀ`` is ``hessian``. ``w_hat=None`` is the zero weight
+    (``tr(W H Wᵀ)``, the output's energy). Computed a block of rows at a time (float64
+    temporaries of :data:`qcompile.quantizers.ROW_BLOCK_ELEMENTS` elements, not ``[N, K]``)."""
+    return _rows_proxy_loss(w, (lambda rows: None) if w_hat is None else (lambda rows: w_hat[rows]), hessian)
+
+
+def rtn_proxy_loss(w: torch.Tensor, grid: WeightGrid, hessian: torch.Tensor) -> float:
+    """:func:`proxy_loss` of :func:`rtn_dequantized` ``(w, grid)``, a block of rows at a time."""
+    return _rows_proxy_loss(w, lambda rows: rtn_dequantized(w[rows], _grid_rows(grid, rows)), hessian)
 
 
 def rtn_dequantized(w: torch.Tensor, grid: WeightGrid) -> torch.Tensor:
@@ -106,6 +117,23 @@ def rtn_dequantized(w: torch.Tensor, grid: WeightGrid) -> torch.Tensor:
     codes = round_to_grid(w.detach().to(torch.float32), expand(grid.scales), expand(grid.zero_points),
                           grid.code_min, grid.code_max)
     return _dequantize64(codes, grid)
+
+
+def _rows_proxy_loss(w: torch.Tensor, w_hat_rows: Callable[[slice], torch.Tensor | None],
+                     hessian: torch.Tensor) -> float:
+    h = hessian.detach().to(torch.float64)
+    total = 0.0
+    for rows in row_blocks(*w.shape):
+        w_hat = w_hat_rows(rows)
+        delta = -w[rows].detach().to(torch.float64) if w_hat is None else (
+            w_hat.detach().to(torch.float64) - w[rows].detach().to(torch.float64))
+        total += float(((delta @ h) * delta).sum())
+    return total
+
+
+def _grid_rows(grid: WeightGrid, rows: slice) -> WeightGrid:
+    """The grid of rows ``rows`` of its weight."""
+    return dataclasses.replace(grid, scales=grid.scales[rows], zeros=None if grid.zeros is None else grid.zeros[rows])
 
 
 def gptq_quantize(
@@ -178,62 +206,86 @@ def gptq_quantize(
         static = True
 
     h_orig = hessian.detach().to(torch.float64)
-    weight = w.detach().to(torch.float64).clone()
     diag = torch.diagonal(h_orig).clone()  # H with dead channels' H_ii = 1 (set in h below)
     dead = diag == 0
     diag[dead] = 1.0
-    weight[:, dead] = 0.0
     importance = torch.diagonal(h_orig).float() if clip_ratios and clip_weighted else None
+    perm = _visit_order(diag, group, act_order, static)
+    u, used_damp = _inverse_cholesky(lambda: _permuted_hessian(h_orig, perm, dead[perm]), float(damp))
+    col_group = torch.div(perm, group, rounding_mode="floor").tolist()  # the group of each visited column
+    unpermute = torch.argsort(perm)
 
     def grid_of(cols: torch.Tensor, imp: torch.Tensor | None, size: int | None) -> WeightGrid:
         return weight_grid(cols, storage, size, symmetric, grid_bits=bits, clip_ratios=clip_ratios, importance=imp)
 
-    # The grid of every group [N, G] (filled as the loop goes for dynamic groups).
-    if grid is None:
-        grid = grid_of(weight, importance, group_size)
-    scales = grid.scales.clone()
-    zeros = grid.zero_points.clone()
+    codes = torch.empty((n, k), dtype=torch.int8)  # every grid's codes fit in int8 (stored code space)
+    scales, zeros = [], []
+    for rows in row_blocks(n, k):
+        weight = w[rows].detach().to(torch.float64, copy=True)
+        weight[:, dead] = 0.0
+        # the rows' grids [rows, G] (filled as the loop goes for dynamic groups)
+        block_grid = grid_of(weight, importance, group_size) if grid is None else _grid_rows(grid, rows)
+        code_range = (block_grid.code_min, block_grid.code_max)
+        block_scales, block_zeros = block_grid.scales.clone(), block_grid.zero_points.clone()
+        block_codes = _round_columns(weight[:, perm], u, col_group, block_scales, block_zeros, code_range,
+                                     block_size, None if static else group,
+                                     lambda cols, visited: grid_of(cols, None if importance is None
+                                                                   else importance[perm[visited]], None))
+        del weight
+        codes[rows] = block_codes[:, unpermute].to(torch.int8)
+        scales.append(block_scales)
+        zeros.append(block_zeros)
 
-    perm = _visit_order(diag, group, act_order, static)
-    weight = weight[:, perm]
-    dead_perm = dead[perm]
-    u, used_damp = _inverse_cholesky(lambda: _permuted_hessian(h_orig, perm, dead_perm), float(damp))
-    col_group = torch.div(perm, group, rounding_mode="floor").tolist()  # the group of each visited column
+    final = WeightGrid(scales=torch.cat(scales), zeros=None if block_grid.zeros is None else torch.cat(zeros),
+                       code_min=code_range[0], code_max=code_range[1], bits=storage, grid_bits=bits, group_size=group,
+                       in_features=k, symmetric=symmetric)
+    qweight = quantized_weight_from_codes(codes, final)
+    loss = _rows_proxy_loss(w, lambda rows: _dequantize64(codes[rows], _grid_rows(final, rows)), h_orig)
+    return GPTQResult(qweight=qweight, loss=loss, damp=used_damp, damp_requested=float(damp),
+                      dead_channels=int(dead.sum()))
 
+
+def _round_columns(
+    weight: torch.Tensor,
+    u: torch.Tensor,
+    col_group: list[int],
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    code_range: tuple[int, int],
+    block_size: int,
+    dynamic_group: int | None,
+    fresh_grid: Callable[[torch.Tensor, slice], WeightGrid],
+) -> torch.Tensor:
+    """GPTQ's column loop over rows of the weight in visiting order (float64, updated in
+    place): the codes ``[rows, K]`` (float64, visiting order). With ``dynamic_group`` each
+    group's grid is chosen by ``fresh_grid(columns, visited slice)`` when the loop reaches
+    it and written into ``scales`` / ``zeros`` (``[rows, G]``)."""
+    k = weight.shape[1]
     codes = torch.zeros_like(weight)
-    for start, end in _blocks(k, block_size, None if static else group):
+    for start, end in _blocks(k, block_size, dynamic_group):
         w1 = weight[:, start:end].clone()
         err1 = torch.zeros_like(w1)
         u1 = u[start:end, start:end]
         for i in range(end - start):
             col = start + i
             g = col_group[col]
-            if not static and col % group == 0:
+            if dynamic_group is not None and col % dynamic_group == 0:
                 # standard GPTQ: the group's grid from its weights as compensated so far (the
                 # group's columns are contiguous in the visiting order and start a block, and
                 # every earlier block has been applied in full)
-                cols = weight[:, col:col + group]
-                imp = None if importance is None else importance[perm[col:col + group]]
-                fresh = grid_of(cols, imp, None)
+                visited = slice(col, col + dynamic_group)
+                fresh = fresh_grid(weight[:, visited], visited)
                 scales[:, g] = fresh.scales[:, 0]
                 zeros[:, g] = fresh.zero_points[:, 0]
             column = w1[:, i]
             s, z = scales[:, g], zeros[:, g]
-            q = round_to_grid(column, s, z, grid.code_min, grid.code_max)
+            q = round_to_grid(column, s, z, *code_range)
             codes[:, col] = q
             err = (column - (q - z.double()) * s.double()) / u1[i, i]
             w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
             err1[:, i] = err
         weight[:, end:] -= err1 @ u[start:end, end:]
-
-    codes = codes[:, torch.argsort(perm)]
-    final = WeightGrid(scales=scales, zeros=None if grid.zeros is None else zeros, code_min=grid.code_min,
-                       code_max=grid.code_max, bits=storage, grid_bits=bits, group_size=group, in_features=k,
-                       symmetric=symmetric)
-    qweight = quantized_weight_from_codes(codes, final)
-    loss = proxy_loss(w, _dequantize64(codes, final), h_orig)
-    return GPTQResult(qweight=qweight, loss=loss, damp=used_damp, damp_requested=float(damp),
-                      dead_channels=int(dead.sum()))
+    return codes
 
 
 def _check_grid(grid: WeightGrid, n: int, k: int, storage: int, bits: int, group: int, symmetric: bool) -> None:
@@ -287,49 +339,77 @@ def _permuted_hessian(h: torch.Tensor, perm: torch.Tensor, dead: torch.Tensor, r
 
 
 def _inverse_cholesky(make_h: Callable[[], torch.Tensor], damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + λ I)⁻¹`` (float64) and the relative dampening used.
+    """Upper Cholesky factor ``U`` of ``(H + λ I)⁻¹`` (float64, ``(H + λI)⁻¹ = Uᵀ U``) and the
+    relative dampening used.
 
-    ``make_h()`` returns a fresh copy of ``H`` (dampened in place, and made again if the
-    dampening must be raised). Holds at most two ``[K, K]`` matrices at a time besides
-    the caller's (K = 5632 float64: 254 MB each): the dampened H and its factor; the
-    factor and the inverse (solved in place); the inverse and its factor. (Solving against
-    the identity a block of columns at a time would change the last bits of some entries:
-    the BLAS blocks differently.)"""
+    ``make_h()`` returns a fresh copy of ``H`` (it is overwritten, and made again if the
+    dampening must be raised). No inverse is formed and no second ``[K, K]`` matrix is
+    allocated (K = 5632 float64: 254 MB each): with ``J`` the order-reversing permutation,
+    factor ``J (H + λI) J = M Mᵀ`` (``M`` lower) in place; then ``H + λI = R Rᵀ`` with
+    ``R = J M J`` upper, so ``(H + λI)⁻¹ = R⁻ᵀ R⁻¹`` and ``U = R⁻¹ = J M⁻¹ J``: one in-place
+    triangular inverse (LAPACK ``trtri``) and a reversal of the matrix's storage. Half the
+    arithmetic of inverting and factorizing again, and one matrix of memory instead of three.
+    """
     damped = make_h()
     k = damped.shape[0]
     mean_diag = float(torch.diagonal(damped).mean())
+    reverse = torch.arange(k - 1, -1, -1)
     tried = damp
     for attempt in range(MAX_DAMP_RAISES + 1):
         if damped is None:
             damped = make_h()
         damped.diagonal().add_(tried * mean_diag)
-        factor, info = torch.linalg.cholesky_ex(damped)
+        u = _reversed_inverse_factor(damped, reverse)
         damped = None
-        if int(info) == 0:
-            # (H + λI)⁻¹ from the factor by triangular solves against I: same result as
-            # torch.cholesky_inverse to float64 rounding, and 10-50x faster on CPU (LAPACK
-            # potri measured 36 s for K = 2048 against 0.75 s here, on 2 cores). The two
-            # solves run in place on a column-major identity: with the column-major factor
-            # cholesky_ex returns, bit for bit what torch.cholesky_solve(I, factor) returns,
-            # without its copies of the factor and the right-hand side (K = 5632: 0.25 GB
-            # above the factor instead of 0.74 GB, benchmarks/gptq_inverse_memory.py)
-            inverse = torch.eye(k, dtype=factor.dtype).mT
-            torch.linalg.solve_triangular(factor, inverse, upper=False, out=inverse)
-            torch.linalg.solve_triangular(factor.mT, inverse, upper=True, out=inverse)
-            del factor
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if int(info) == 0:
-                if attempt:
-                    warnings.warn(
-                        f"GPTQ: the dampened Hessian ({k}x{k}) was not positive definite with "
-                        f"damp={damp:g}; used damp={tried:g} (x mean diag H = {mean_diag:.3g})",
-                        GPTQWarning, stacklevel=3,
-                    )
-                return upper, tried
-        factor = None
+        if u is not None:
+            if attempt:
+                warnings.warn(
+                    f"GPTQ: the dampened Hessian ({k}x{k}) was not positive definite with "
+                    f"damp={damp:g}; used damp={tried:g} (x mean diag H = {mean_diag:.3g})",
+                    GPTQWarning, stacklevel=3,
+                )
+            return u, tried
         tried *= 10.0
     raise ValueError(
         f"GPTQ: the Hessian ({k}x{k}) stays non positive definite with dampening up to "
         f"{tried / 10:g} x mean diag H = {mean_diag:.3g}; is it Σ x xᵀ of real inputs?"
     )
+
+
+def _reversed_inverse_factor(a: torch.Tensor, reverse: torch.Tensor) -> torch.Tensor | None:
+    """``U = J M⁻¹ J`` for the symmetric ``a = H + λI`` (overwritten), or None when ``a`` is not
+    positive definite (see :func:`_inverse_cholesky`)."""
+    if a.device.type != "cpu":  # no in-place LAPACK from here: the same algebra with copies
+        m, info = torch.linalg.cholesky_ex(a[reverse][:, reverse])
+        if int(info) != 0:
+            return None
+        eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+        return torch.linalg.solve_triangular(m, eye, upper=False).flip(0, 1)
+    # J a J, reversed in place: a C-contiguous matrix flipped along both axes is its storage
+    # reversed
+    _reverse_storage(a)
+    # a.mT is column-major, as LAPACK wants, and equals a (symmetric): factorized in place
+    column_major = a.mT
+    info = torch.empty((), dtype=torch.int32)
+    torch.linalg.cholesky_ex(column_major, out=(column_major, info))
+    if int(info) != 0:
+        return None
+    m = column_major.numpy()  # M (lower), a view of the same memory, Fortran order
+    m_inv, info = scipy_lapack.dtrtri(m, lower=1, overwrite_c=1)
+    if info != 0 or m_inv.ctypes.data != m.ctypes.data:  # neither can happen for a Cholesky factor
+        raise RuntimeError(f"GPTQ: LAPACK dtrtri failed in place on the Cholesky factor (info {info})")
+    # the row-major storage of `a` now holds (M⁻¹)ᵀ; reversed it holds (J M⁻¹ J)ᵀ = Uᵀ
+    _reverse_storage(a)
+    return a.mT
+
+
+def _reverse_storage(a: torch.Tensor, chunk: int = 1 << 20) -> None:
+    """Reverse the elements of the contiguous ``a`` in place, ``chunk`` elements at a time
+    (for a matrix: flip both axes)."""
+    flat = a.view(-1).numpy()
+    n = flat.size
+    for start in range(0, n // 2, chunk):
+        size = min(chunk, n // 2 - start)
+        left = flat[start:start + size].copy()
+        flat[start:start + size] = flat[n - start - size:n - start][::-1]
+        flat[n - start - size:n - start] = left[::-1]

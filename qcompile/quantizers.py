@@ -28,6 +28,7 @@ on its own (:func:`weight_grid`) and weights rounded onto it by another algorith
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,12 @@ _FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # lose all precision or overflow); such a group is all zeros or denormal dust, and is
 # quantized with scale 1.0, which maps every value to the zero point.
 _MIN_SCALE = torch.finfo(torch.float32).tiny
+
+# Weights are quantized row by row (every row has its own grids), so large weights are
+# worked on a block of rows at a time: a block holds at most this many elements (64 MiB of
+# float64), which bounds the temporaries of the range search and of GPTQ whatever N is
+# (a 64000 x 2048 LM head would otherwise need several [N, K] copies).
+ROW_BLOCK_ELEMENTS = 1 << 23
 
 
 @dataclass(frozen=True, eq=False)
@@ -264,9 +271,24 @@ def weight_grid(
     importance: torch.Tensor | None = None,
     grid_bits: int | None = None,
 ) -> WeightGrid:
-    """The grid :func:`quantize_weight_rtn` would round ``w`` onto (same arguments)."""
-    _, grid = _rtn(w, bits, group_size, symmetric, clip_ratios, importance, grid_bits)
-    return grid
+    """The grid :func:`quantize_weight_rtn` would round ``w`` onto (same arguments).
+
+    Computed a block of rows at a time (:func:`row_blocks`): rows are independent, so the
+    grid is the same as in one piece, without ``[N, K]`` temporaries."""
+    _check_weight(w)
+    grids = [_rtn(w[rows], bits, group_size, symmetric, clip_ratios, importance, grid_bits)[1]
+             for rows in row_blocks(*w.shape)]
+    if len(grids) == 1:
+        return grids[0]
+    zeros = None if grids[0].zeros is None else torch.cat([g.zeros for g in grids])
+    return dataclasses.replace(grids[0], scales=torch.cat([g.scales for g in grids]), zeros=zeros)
+
+
+def row_blocks(n: int, k: int, elements: int | None = None) -> list[slice]:
+    """Consecutive row ranges of an ``[n, k]`` weight, each of at most ``elements``
+    (default :data:`ROW_BLOCK_ELEMENTS`) elements, and at least one row."""
+    rows = max(1, (ROW_BLOCK_ELEMENTS if elements is None else elements) // max(k, 1))
+    return [slice(start, min(n, start + rows)) for start in range(0, n, rows)] or [slice(0, 0)]
 
 
 def round_to_grid(
@@ -423,7 +445,7 @@ def _check_group_size(group_size: int, in_features: int) -> None:
         )
 
 
-def _as_float32_matrix(w: torch.Tensor) -> torch.Tensor:
+def _check_weight(w: torch.Tensor) -> None:
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(w).__name__}")
     if w.dtype not in _FLOAT_DTYPES:
@@ -433,6 +455,10 @@ def _as_float32_matrix(w: torch.Tensor) -> torch.Tensor:
     bad = int((~torch.isfinite(w)).sum())
     if bad:
         raise ValueError(f"weight of shape {tuple(w.shape)} holds {bad} non-finite values (NaN or Inf)")
+
+
+def _as_float32_matrix(w: torch.Tensor) -> torch.Tensor:
+    _check_weight(w)
     w32 = w.detach().to(torch.float32)
     if not bool(torch.isfinite(w32).all()):
         raise ValueError(f"weight of shape {tuple(w.shape)} holds values beyond the float32 range")

@@ -5,7 +5,8 @@ The driver of sequential (and streaming) quantization: for every stage of
 quantizes it in place given the stage's inputs for every batch, and the driver then runs
 the (now quantized) stage to make the next stages' inputs. Between stages only the values
 later stages read are kept (the main tensor plus side values such as masks, per batch);
-a stage's module — and so its weights — is dropped (and collected) once its outputs are made.
+a stage's module — and so its weights — is dropped (and collected, and the freed heap
+trimmed) once its outputs are made.
 A progress bar shows each stage's wall time and the process's peak resident memory.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
+from .heap import trim_heap
 from .stages import Stage
 
 LoadFn = Callable[[Stage], "tuple[fx.GraphModule, dict[fx.Node, fx.Node]]"]
@@ -74,6 +76,7 @@ def run_stages(
         # maps of the checkpoint when streaming) would outlive the stage until the cyclic
         # collector happens to run, and accumulate over stages
         gc.collect()
+        trim_heap()  # and the heap pages the stage freed go back to the system
         seconds = time.perf_counter() - start
         bar.set_postfix(stage=f"{seconds:.1f}s", peak_rss=f"{peak_rss_bytes() / 2**30:.2f}GiB")
         if on_done is not None:

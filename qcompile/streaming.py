@@ -10,7 +10,9 @@ in-memory path runs), its quantized weights written, and its float weights dropp
 Peak memory is about one stage (weights + Hessians + GPTQ's working copies) plus the
 calibration activations of one stage boundary; the embedding lookup table is a stage of
 its own (``find_stages(..., separate_tables=True)``), so it is never resident together
-with a block's weights and GPTQ working set. Weight-only recipes without smoothing or rotation (those need the
+with a block's weights and GPTQ working set; large weights are rounded a block of rows at
+a time (``qcompile.quantizers.row_blocks``); and freed temporaries go back to the system
+(``qcompile.heap``). Weight-only recipes without smoothing or rotation (those need the
 whole graph at once).
 
 Output (``out``), written incrementally and atomically: the run works in
@@ -52,6 +54,7 @@ from .checkpoint import LazyCheckpoint, empty_model, is_placeholder, write_safet
 from .distributed import rank_and_world, shard_batches
 from .errors import CalibrationError, ModelLoadError, OutputExistsError, RecipeError
 from .graph_utils import QWEIGHT_META, get_constant, layer_name
+from .heap import return_large_frees
 from .pipeline import PassContext, run_passes
 from .quantizers import QuantizedWeight, dequantize_weight
 from .recipe import Recipe, resolve_recipe
@@ -169,6 +172,9 @@ def quantize_checkpoint(
     """
     folder, out = Path(folder), Path(out)
     recipe_obj = _check_recipe(resolve_recipe(recipe))
+    # large temporaries go back to the system when freed, not into a heap that only grows
+    # (qcompile.heap; process-wide, as a streaming run is meant to be bounded in memory)
+    return_large_frees()
     rank, _world = rank_and_world(group)
     if out.exists():
         raise OutputExistsError(f"output folder {out} exists; choose another or remove it first")

@@ -14,7 +14,8 @@ import torch
 
 import qcompile
 from qcompile.errors import CalibrationError
-from qcompile.gptq import GPTQWarning, gptq_quantize, proxy_loss, rtn_dequantized
+import qcompile.quantizers as quantizers
+from qcompile.gptq import GPTQWarning, gptq_quantize, proxy_loss, rtn_dequantized, rtn_proxy_loss
 from qcompile.graph_utils import QWEIGHT_META
 from qcompile.quantizers import (
     dequantize_weight,
@@ -150,6 +151,49 @@ def test_gptq_proxy_loss_beats_rtn_on_correlated_inputs(bits, group_size, symmet
     # RTN's loss here (act order lower), so 0.9 leaves a wide margin for the random draw
     assert got.loss < 0.9 * rtn_loss, (got.loss, rtn_loss)
     assert got.damp == 0.01 and not got.damp_raised and got.dead_channels == 0
+
+
+@pytest.mark.parametrize(
+    "bits, group_size, symmetric, act_order, static_groups, ratios",
+    [
+        (4, 32, False, True, None, (1.0, 0.9, 0.8)),  # static searched grids
+        (3, 32, True, False, None, None),  # dynamic grids, chosen as the loop goes
+        (4, 32, False, True, False, (1.0, 0.85)),  # act order, dynamic searched grids
+        (8, None, True, True, None, None),  # symmetric 8-bit: no stored zero points
+        (8, None, False, False, None, None),
+    ],
+)
+def test_blocks_of_rows_give_the_same_result_as_one_block(monkeypatch, bits, group_size, symmetric, act_order,
+                                                         static_groups, ratios):
+    """Large weights (an LM head) are rounded a block of rows at a time to bound memory:
+    rows are independent in GPTQ, so the codes and grids must not change at all."""
+    gen = _gen()
+    h = _correlated_hessian(gen)
+    n = 41  # blocks of 6 rows: 6 full blocks and a 5-row one
+    w = torch.randn(n, K, generator=gen)
+    h[7] = 0.0
+    h[:, 7] = 0.0  # a dead channel
+    args = dict(act_order=act_order, static_groups=static_groups, clip_ratios=ratios, block_size=40)
+    whole = gptq_quantize(w, h, bits, group_size, symmetric, **args)
+    grid = weight_grid(w, _storage(bits), group_size, symmetric, clip_ratios=ratios, grid_bits=bits)
+    monkeypatch.setattr(quantizers, "ROW_BLOCK_ELEMENTS", 6 * K + 5)
+    assert len(quantizers.row_blocks(n, K)) == 7
+    blocked = gptq_quantize(w, h, bits, group_size, symmetric, **args)
+    assert torch.equal(blocked.qweight.qweight, whole.qweight.qweight)
+    assert torch.equal(blocked.qweight.scales, whole.qweight.scales)
+    assert (blocked.qweight.zeros is None) == (whole.qweight.zeros is None) == (bits == 8 and symmetric)
+    if whole.qweight.zeros is not None:
+        assert torch.equal(blocked.qweight.zeros, whole.qweight.zeros)
+    # the loss sums per-block float64 partial sums: another summation order only
+    assert blocked.loss == pytest.approx(whole.loss, rel=1e-12)
+    # the blocked range search and the blocked losses of the callers agree the same way
+    blocked_grid = weight_grid(w, _storage(bits), group_size, symmetric, clip_ratios=ratios, grid_bits=bits)
+    assert torch.equal(blocked_grid.scales, grid.scales)
+    assert torch.equal(blocked_grid.zero_points, grid.zero_points)
+    w_hat = rtn_dequantized(w, grid)
+    full = float((((w_hat - w.double()) @ h) * (w_hat - w.double())).sum())
+    assert rtn_proxy_loss(w, grid, h) == pytest.approx(full, rel=1e-12)
+    assert proxy_loss(w, None, h) == pytest.approx(float(((w.double() @ h) * w.double()).sum()), rel=1e-12)
 
 
 def test_with_range_search_gptq_still_beats_the_searched_rtn():
@@ -329,19 +373,21 @@ def test_gptq_without_calibration_fails_before_capture():
         qcompile.quantize(_Mlp().eval(), (torch.randn(2, 96),), recipe="w4a16-gptq", progress=False)
 
 
-def test_blockwise_inverse_factor_equals_the_whole_matrix_computation():
-    """The memory-saving factorization (permuted H gathered by blocks of rows, dampened in place,
-    freed before the inverse) gives the same bits as the whole-matrix computation it replaced:
-    H[perm][:, perm], a dampened clone, ``cholesky_solve`` against the identity, the upper
-    factor. K = 1100 spans three 512-row blocks, the last one partial; two dead channels."""
+@pytest.mark.parametrize("k", [1, 2, 37, 1100])
+def test_inverse_factor_matches_the_whole_matrix_computation(k):
+    """The memory-saving factorization (permuted H gathered by blocks of rows; the upper factor
+    of the inverse as J M⁻¹ J from the in-place factor of the reversed matrix) against the
+    textbook one: H[perm][:, perm], a dampened clone, ``cholesky_inverse``, the upper factor.
+    K = 1100 spans three 512-row blocks, the last one partial; K = 37 is odd (the storage
+    reversal has a middle element); two dead channels."""
     from qcompile.gptq import _inverse_cholesky, _permuted_hessian
 
     gen = _gen()
-    k = 1100
-    h = _correlated_hessian(gen, k, tokens=1500)
-    dead_idx = torch.randperm(k, generator=gen)[:2]
-    h[dead_idx, :] = 0.0
-    h[:, dead_idx] = 0.0
+    h = _correlated_hessian(gen, k, tokens=k + 400)
+    if k > 2:
+        dead_idx = torch.randperm(k, generator=gen)[:2]
+        h[dead_idx, :] = 0.0
+        h[:, dead_idx] = 0.0
     dead = torch.diagonal(h) == 0
     perm = torch.randperm(k, generator=gen)
 
@@ -349,10 +395,14 @@ def test_blockwise_inverse_factor_equals_the_whole_matrix_computation():
     torch.diagonal(expected_h)[dead[perm]] = 1.0
     damped = expected_h.clone()
     damped.diagonal().add_(0.01 * float(torch.diagonal(expected_h).mean()))
-    factor = torch.linalg.cholesky(damped)
-    inverse = torch.cholesky_solve(torch.eye(k, dtype=torch.float64), factor)
-    expected_u = torch.linalg.cholesky(inverse, upper=True)
+    expected_u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
 
     assert torch.equal(_permuted_hessian(h, perm, dead[perm]), expected_h)
     u, used = _inverse_cholesky(lambda: _permuted_hessian(h, perm, dead[perm]), 0.01)
-    assert used == 0.01 and torch.equal(u, expected_u)
+    assert used == 0.01
+    assert torch.equal(u.tril(-1), torch.zeros_like(u).tril(-1)) and bool((torch.diagonal(u) > 0).all())
+    # two exact factorizations of the same matrix in float64: they differ by rounding,
+    # amplified by the dampened H's condition number (< 1e3 here with 1% dampening)
+    assert relative_error(u, expected_u) < 1e-12
+    # and the defining identity, (H + λI)⁻¹ = Uᵀ U, i.e. U (H + λI) Uᵀ = I
+    assert torch.allclose(u @ damped @ u.mT, torch.eye(k, dtype=torch.float64), atol=1e-10)
