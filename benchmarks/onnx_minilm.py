@@ -19,7 +19,10 @@ Candidates, all run by ONNX Runtime's CPU provider (``intra_op_num_threads`` = t
   (qcompile-domain functions, inlined by ORT);
 * qcompile w8a8 (INT8 per-channel weights, dynamic per-token INT8 activations, smoothing
   searched per group on the same calibration texts) in each flavor: "ort" (per-row
-  ``QuantizeLinear`` + ``com.microsoft.MatMulIntegerToFloat``), "qdq" (per-token
+  ``QuantizeLinear`` + ``com.microsoft.MatMulIntegerToFloat``: the torch op's numerics), "ort"
+  with ``to_onnx(..., w8a8_activations="per-tensor")`` (``DynamicQuantizeLinear``: ONNX
+  Runtime's per-tensor asymmetric uint8 activations, scales and bias inside
+  ``MatMulIntegerToFloat``: faster, not the torch op's numerics), "qdq" (per-token
   ``QuantizeLinear`` / ``DequantizeLinear`` + per-channel int8 ``DequantizeLinear`` + float
   ``MatMul``; ORT 1.31 fuses none of it, with either session config, so one row) and
   "qcompile".
@@ -63,14 +66,16 @@ N_CALIB, N_EVAL = 64, 256
 QUICK_N_CALIB, QUICK_N_EVAL = 16, 64
 FP32, DYNAMIC = "ORT fp32", "ORT quantize_dynamic INT8"
 PRESETS = ("w4a16", "w8a16", "w8a8")
-# preset -> the (flavor, accuracy_level) exports timed; accuracy_level is MatMulNBits' (the
-# w8a8 "ort" flavor has no MatMulNBits).
+# preset -> the (flavor, accuracy_level, w8a8_activations) exports timed; accuracy_level is
+# MatMulNBits' (the w8a8 "ort" flavor has no MatMulNBits); w8a8_activations "per-tensor" is
+# to_onnx's faster, numerically different option for the w8a8 "ort" flavor.
 EXPORTS = {
-    "w4a16": (("ort", None), ("ort", 4), ("qdq", None), ("qcompile", None)),
-    "w8a16": (("ort", None), ("ort", 4), ("qdq", None), ("qcompile", None)),
-    "w8a8": (("ort", None), ("qdq", None), ("qcompile", None)),
+    "w4a16": (("ort", None, None), ("ort", 4, None), ("qdq", None, None), ("qcompile", None, None)),
+    "w8a16": (("ort", None, None), ("ort", 4, None), ("qdq", None, None), ("qcompile", None, None)),
+    "w8a8": (("ort", None, None), ("ort", None, "per-tensor"), ("qdq", None, None), ("qcompile", None, None)),
 }
 ORT_HOW = {"w4a16": "MatMulNBits", "w8a16": "MatMulNBits", "w8a8": "per-row QuantizeLinear + MatMulIntegerToFloat"}
+PER_TENSOR_HOW = "DynamicQuantizeLinear + MatMulIntegerToFloat (per-tensor uint8 acts)"
 QDQ_HOW = {"w4a16": "DQ+MatMul", "w8a16": "DQ+MatMul", "w8a8": "per-token Q/DQ + int8 DQ + float MatMul"}
 
 
@@ -180,12 +185,16 @@ def main() -> None:
         qm = qcompile.quantize(model, (), example, recipe=preset, calibration=calibration, progress=False,
                                verify=not args.quick)
         build_s[f"qcompile.quantize {preset}"] = time.perf_counter() - t0
-        for flavor, level in EXPORTS[preset]:
-            tag = f"{preset}_{flavor}" + ("" if level is None else f"_acc{level}")
+        for flavor, level, activations in EXPORTS[preset]:
+            tag = (f"{preset}_{flavor}" + ("" if level is None else f"_acc{level}")
+                   + ("" if activations is None else f"_{activations}"))
             t0 = time.perf_counter()
-            result = to_onnx(qm, folder / f"qcompile_{tag}.onnx", flavor=flavor, accuracy_level=level)
+            options = {} if activations is None else {"w8a8_activations": activations}
+            result = to_onnx(qm, folder / f"qcompile_{tag}.onnx", flavor=flavor, accuracy_level=level, **options)
             build_s[f"to_onnx {tag}"] = time.perf_counter() - t0
-            if flavor == "ort" and preset == "w8a8":
+            if activations is not None:
+                files[f"qcompile {preset} ort, w8a8_activations={activations}"] = (result.path, None, PER_TENSOR_HOW)
+            elif flavor == "ort" and preset == "w8a8":
                 files[f"qcompile {preset} ort"] = (result.path, None, ORT_HOW[preset])
             elif flavor == "ort":
                 files[f"qcompile {preset} ort, accuracy_level {'unset' if level is None else level}"] = (

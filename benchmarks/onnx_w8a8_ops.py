@@ -21,6 +21,9 @@ steal the cores from the candidates timed after them; default optimization level
 * ``(d, int8 codes)`` — the same with int8 activation codes (zero point 0);
 * ``shipped ort / qdq / qcompile`` — ``qcompile.export.to_onnx`` of a module calling the op,
   in each flavor (the "ort" flavor should time like (c'), "qcompile" like (d));
+* ``shipped ort, w8a8_activations=per-tensor`` — ``to_onnx(..., w8a8_activations="per-tensor")``:
+  ``DynamicQuantizeLinear`` + ``MatMulIntegerToFloat`` with wscales and bias inside, which
+  ONNX Runtime fuses into (b) (so it should time like (b), with (b)'s numerics);
 * ``torch op`` — ``torch.ops.qcompile.linear_w8a8`` itself (``torch._int_mm``), with
   ``torch.set_num_threads(threads)``.
 
@@ -165,6 +168,8 @@ def bench_shape(k: int, n: int, rows: int, threads: int, repeat: int, folder: Pa
     for flavor in ("ort", "qdq", "qcompile"):
         result = to_onnx(qm, folder / f"w8a8_{k}x{n}_{flavor}.onnx", flavor=flavor)
         sessions[f"shipped {flavor}"] = session(result.path, threads)
+    result = to_onnx(qm, folder / f"w8a8_{k}x{n}_ort_per_tensor.onnx", flavor="ort", w8a8_activations="per-tensor")
+    sessions["shipped ort, w8a8_activations=per-tensor"] = session(result.path, threads)
     feeds = {"x": x.numpy()}
     calls = {name: (lambda s=s: s.run(None, feeds)[0]) for name, s in sessions.items()}
     calls["torch op"] = lambda: module(x).numpy()

@@ -67,6 +67,7 @@ __all__ = [
     "is_float32",
     "Float32Inputs",
     "act_qmax",
+    "smoothed_input",
     "linear_w8a8_nodes",
     "linear_fp8_nodes",
     "quantize_per_token_nodes",

@@ -21,10 +21,11 @@ from .naming import rename_axes
 from .ort_contrib import ACCURACY_LEVELS
 from .qcompile_domain import add_functions
 from .registry import FLAVORS, TranslationTable, ops_needing_translation
+from .softmax_nan_guard import drop_softmax_nan_guards
 from .table import TRANSLATIONS
 from .writer import check_destination, save_model
 
-__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "OnnxExport", "to_onnx"]
+__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "OnnxExport", "W8A8_ACTIVATIONS", "to_onnx"]
 
 # Opset 21: DequantizeLinear with INT4/UINT4 and blocked scales (the "qdq" flavor; also the
 # fallback of "ort"). ONNX Runtime runs opset 21 from 1.20 on.
@@ -52,7 +53,11 @@ class OnnxExport:
     notes: list[str] = field(default_factory=list)
 
 
-def _validate(flavor: str, opset: int, accuracy_level: int | None, external_data: bool | None) -> None:
+W8A8_ACTIVATIONS = ("per-token", "per-tensor")
+
+
+def _validate(flavor: str, opset: int, accuracy_level: int | None, external_data: bool | None,
+              w8a8_activations: str = "per-token") -> None:
     if flavor not in FLAVORS:
         raise ExportError(f"unknown ONNX flavor {flavor!r}; flavors: {', '.join(FLAVORS)}")
     if not isinstance(opset, int) or isinstance(opset, bool) or opset < MIN_OPSET:
@@ -62,6 +67,11 @@ def _validate(flavor: str, opset: int, accuracy_level: int | None, external_data
     if accuracy_level is not None and flavor != "ort":
         raise ExportError(f"accuracy_level is an attribute of MatMulNBits, which only the 'ort' flavor writes "
                           f"(flavor={flavor!r})")
+    if w8a8_activations not in W8A8_ACTIVATIONS:
+        raise ExportError(f"w8a8_activations must be one of {W8A8_ACTIVATIONS}, got {w8a8_activations!r}")
+    if w8a8_activations != "per-token" and flavor != "ort":
+        raise ExportError(f"w8a8_activations={w8a8_activations!r} writes ONNX Runtime's DynamicQuantizeLinear + "
+                          f"com.microsoft.MatMulIntegerToFloat, which only the 'ort' flavor writes (flavor={flavor!r})")
     if external_data not in (None, True, False):
         raise ExportError(f"external_data must be None, True or False, got {external_data!r}")
 
@@ -127,7 +137,9 @@ def _keeps_quantized_weights(node: ir.Node) -> bool | None:
 
 
 def _optimize(model: ir.Model) -> None:
-    """Constant folding and dead-code removal, keeping functions (the qcompile domain) as calls."""
+    """Constant folding, the attention Softmax's NaN guards where they cannot fire
+    (:mod:`qcompile.export.softmax_nan_guard`), and dead-code removal, keeping functions (the
+    qcompile domain) as calls."""
     # onnx_ir logs a warning for each constant that is also a graph output (a KV cache's
     # fixed window size, say) when deduplicating initializers: expected here, not news.
     logger = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
@@ -137,6 +149,7 @@ def _optimize(model: ir.Model) -> None:
         onnxscript.optimizer.optimize_ir(model, inline=False, should_fold=_keeps_quantized_weights)
     finally:
         logger.setLevel(level)
+    drop_softmax_nan_guards(model)
     ir.passes.common.RemoveUnusedNodesPass()(model)
     ir.passes.common.RemoveUnusedFunctionsPass()(model)
     ir.passes.common.RemoveUnusedOpsetsPass()(model)
@@ -159,6 +172,7 @@ def to_onnx(
     opset: int = DEFAULT_OPSET,
     external_data: bool | None = None,
     accuracy_level: int | None = None,
+    w8a8_activations: str = "per-token",
     translations: TranslationTable | None = None,
 ) -> OnnxExport:
     """Write a quantized model as an ONNX file that stock ONNX Runtime runs.
@@ -184,17 +198,27 @@ def to_onnx(
             (default) omits it: ONNX Runtime computes with unquantized activations, as
             "a16" promises. 4 lets the CPU kernel quantize activations to int8 (faster,
             ~0.6% relative error per matmul). See :mod:`qcompile.export.ort_contrib`.
+        w8a8_activations: "ort" flavor only, how a dynamic ``qcompile::linear_w8a8`` quantizes
+            its input. ``"per-token"`` (default): the op's own numerics (symmetric int8, one
+            scale per token), bit-identical to the torch op. ``"per-tensor"``: ONNX Runtime's
+            dynamic quantization (``DynamicQuantizeLinear``: one asymmetric uint8 scale and
+            zero point for the whole activation) with the per-channel scales and the bias
+            applied inside ``com.microsoft.MatMulIntegerToFloat``; ONNX Runtime then runs
+            the linear as fast as ``quantize_dynamic``'s, but the output is NOT the torch
+            op's (coarser activation grid). Static (calibrated ``act_scale``) linears keep
+            their exact form either way. See :mod:`qcompile.export.activation_ort`.
         translations: the translation table (default: qcompile's own; for tests and extensions).
 
     Returns an :class:`OnnxExport` with the op counts and notes (e.g. layers that fell back
     from MatMulNBits to DequantizeLinear + MatMul).
     """
-    _validate(flavor, opset, accuracy_level, external_data)
+    _validate(flavor, opset, accuracy_level, external_data, w8a8_activations)
     if not hasattr(qm, "graph_module") or not hasattr(qm, "captured"):
         raise ExportError(f"to_onnx expects a qcompile.QuantizedModel (from qcompile.quantize), got {type(qm).__name__}")
     path = check_destination(path)
     table_source = TRANSLATIONS if translations is None else translations
-    ctx = ExportContext(flavor=flavor, opset=opset, accuracy_level=accuracy_level)
+    ctx = ExportContext(flavor=flavor, opset=opset, accuracy_level=accuracy_level,
+                        w8a8_activations=w8a8_activations)
     table = table_source.build(ops_needing_translation(qm.graph_module), ctx)
 
     graph = exportable_graph(qm, dynamic=dynamic)

@@ -38,7 +38,10 @@ class ExportContext:
 
     flavor: "ort", "qdq" or "qcompile". opset: the default-domain opset of the model.
     accuracy_level: the ``accuracy_level`` attribute written on MatMulNBits (None: not
-    written, ORT's default 0). constants: ONNX value name -> :class:`ConstantTensor`.
+    written, ORT's default 0). w8a8_activations: how the "ort" flavor quantizes the input of
+    a dynamic ``linear_w8a8`` ("per-token", the op's own numerics, or "per-tensor": ONNX
+    Runtime's dynamic per-tensor uint8; see :mod:`qcompile.export.activation_ort`).
+    constants: ONNX value name -> :class:`ConstantTensor`.
     notes: what the export chose that a user should know (a fallback, say).
     functions: the qcompile-domain ops the graph calls (their bodies go into the model).
     """
@@ -46,6 +49,7 @@ class ExportContext:
     flavor: str
     opset: int
     accuracy_level: int | None = None
+    w8a8_activations: str = "per-token"
     constants: dict[str, ConstantTensor] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     functions: list[str] = field(default_factory=list)
