@@ -192,7 +192,11 @@ def test_decomposed_w8a8_graph_gives_the_same_bits(bert):
         for n in gm.graph.nodes:
             if n.op == "call_function":
                 counts[n.target] = counts.get(n.target, 0) + 1
-        assert counts.get(ops.linear_w8a8.default, 0) == 0 and counts[aten._int_mm.default] == 13
+        # 13 linears. Dynamic: the Q, K and V projections of each of the 2 layers read the same
+        # input with the same smoothing vector and share one matmul, 2 * (1 + 3) + 1 (the pooler);
+        # static: each has its own calibrated activation scale, so none merge.
+        matmuls = 9 if preset == "w8a8" else 13
+        assert counts.get(ops.linear_w8a8.default, 0) == 0 and counts[aten._int_mm.default] == matmuls
         other = zoo.ARCHITECTURES["bert"].other_inputs(seed=3)[1]
         for inputs in (flat, qm.captured.flatten_inputs((), other)):
             with torch.no_grad():
