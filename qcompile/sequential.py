@@ -29,7 +29,19 @@ ProcessFn = Callable[[Stage, fx.GraphModule, "dict[fx.Node, fx.Node]", "list[lis
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far (``getrusage``), in bytes."""
+    """The process's peak resident set size so far, in bytes.
+
+    On Linux the high-water mark of this process's own memory (``VmHWM``): ``getrusage``'s
+    ``ru_maxrss`` is kept across ``fork`` + ``exec``, so a subprocess started by a large
+    parent would report the parent's resident memory at the fork as its own peak.
+    Elsewhere ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except FileNotFoundError:  # not Linux: no /proc
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
