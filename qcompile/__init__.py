@@ -3,6 +3,7 @@
     qm = qcompile.quantize(model, args, kwargs=None, recipe="w4a16", calibration=batches)
     qm(*args, **kwargs); print(qm.report()); qm.graph_module
     torch.compile(model, backend="qcompile", options={"recipe": "w4a16"})
+    qm = qcompile.load_streamed(out)   # the output of qcompile.streaming.quantize_checkpoint
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .errors import (
     VerificationError,
 )
 from .recipe import PRESETS, Recipe, resolve_recipe
+from .streamed_model import load_streamed
 
 __version__ = "0.1.0"
 
@@ -37,6 +39,7 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "VerificationError",
+    "load_streamed",
     "quantize",
     "resolve_recipe",
     "testing",

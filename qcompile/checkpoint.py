@@ -30,8 +30,8 @@ import torch
 
 from .errors import ModelLoadError
 
-__all__ = ["LazyCheckpoint", "empty_model", "is_placeholder", "checkpoint_bytes", "write_safetensors",
-           "write_synthetic_checkpoint"]
+__all__ = ["LazyCheckpoint", "empty_model", "placeholder_model", "is_placeholder", "checkpoint_bytes",
+           "write_safetensors", "write_synthetic_checkpoint"]
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -236,9 +236,10 @@ def checkpoint_key(ck: LazyCheckpoint, name: str, prefix: str) -> str:
                          + (f" (looked for {name!r} and {prefix + '.' + name!r})" if prefix else ""))
 
 
-def empty_model(folder: str | os.PathLike, ck: LazyCheckpoint) -> tuple[torch.nn.Module, dict[str, str]]:
-    """The model of ``folder/config.json`` with placeholder parameters, and the map from
-    parameter name to checkpoint key (every parameter checked against the checkpoint)."""
+def placeholder_model(folder: str | os.PathLike) -> torch.nn.Module:
+    """The model of ``folder/config.json`` (``transformers.AutoModel.from_config``, in eval
+    mode) with every parameter a zero-stride placeholder of its shape and dtype (buffers
+    computed in ``__init__`` stay real); needs no weights."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
@@ -249,10 +250,23 @@ def empty_model(folder: str | os.PathLike, ck: LazyCheckpoint) -> tuple[torch.nn
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"transformers cannot build the model of {folder}/config.json: {exc}") from exc
     model.eval()
+    for module in model.modules():
+        for p_name, param in list(module._parameters.items()):
+            if param is not None:
+                module._parameters[p_name] = torch.nn.Parameter(
+                    torch.zeros((), dtype=param.dtype).expand(param.shape), requires_grad=False)
+    return model
+
+
+def empty_model(folder: str | os.PathLike, ck: LazyCheckpoint) -> tuple[torch.nn.Module, dict[str, str]]:
+    """The model of ``folder/config.json`` with placeholder parameters (:func:`placeholder_model`),
+    and the map from parameter name to checkpoint key (every parameter checked against the
+    checkpoint)."""
+    model = placeholder_model(folder)
     prefix = getattr(model, "base_model_prefix", "") or ""
     keys: dict[str, str] = {}
     for mod_name, module in model.named_modules():
-        for p_name, param in list(module._parameters.items()):
+        for p_name, param in module._parameters.items():
             if param is None:
                 continue
             full = f"{mod_name}.{p_name}" if mod_name else p_name
@@ -261,8 +275,6 @@ def empty_model(folder: str | os.PathLike, ck: LazyCheckpoint) -> tuple[torch.nn
                 raise ModelLoadError(f"checkpoint tensor {key!r} in {ck.files[key][0]} has shape {ck.shape(key)}; "
                                      f"the model's parameter {full!r} has {tuple(param.shape)}")
             keys[full] = key
-            module._parameters[p_name] = torch.nn.Parameter(
-                torch.zeros((), dtype=param.dtype).expand(param.shape), requires_grad=False)
     return model, keys
 
 

@@ -2,7 +2,10 @@
 
     qcompile demo                          the main job: quantize the real MiniLM, report
     qcompile quantize MODEL --recipe R --out DIR [--calib FILE] [--export onnx [--flavor F]]
-    qcompile quantize HF_DIR --recipe R --out DIR --max-memory 2GB    streams stage by stage when needed
+    qcompile quantize HF_DIR --recipe R --out DIR --max-memory 2GB [--export onnx]
+                                           streams stage by stage when needed
+    torchrun --nproc-per-node N -m qcompile.cli quantize HF_DIR --stream ...
+                                           the same, calibrating across N processes
     qcompile inspect MODEL [--recipe R]    the per-layer plan and the rewritten graph
     qcompile inspect DIR                   what `qcompile quantize` wrote
     qcompile inspect model.onnx            an ONNX file: ops by domain, tensor bytes by dtype
@@ -13,6 +16,7 @@ Exit codes: 0 success, 2 bad command line, 3 an error you can fix (named in the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -120,8 +124,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise OutputExistsError(f"the parent folder of --out ({out.parent}) does not exist")
     if args.flavor is not None and args.export != "onnx":
         raise ExportError(f"--flavor {args.flavor} applies to the ONNX export; add --export onnx")
-    if _should_stream(args):
-        return _cmd_quantize_streaming(args, out)
+    streaming = _should_stream(args)
+    world = _launched_world_size()
+    if world > 1 and not streaming:
+        raise QcompileError(
+            f"launched as {world} processes (WORLD_SIZE={world}, e.g. by torchrun): only streaming quantization of "
+            "a Hugging Face folder runs distributed (calibration batches shared across the processes); add --stream, "
+            "or run a single process")
+    if streaming:
+        with _process_group(world) as group:
+            return _cmd_quantize_streaming(args, out, group)
     loaded, qm = _quantize_loaded(args)
     flavor = (args.flavor or "ort") if args.export == "onnx" else None
     exported = _write_output(out, loaded, qm, onnx_flavor=flavor)
@@ -192,23 +204,86 @@ def _stream_inputs(args: argparse.Namespace, recipe):
     return example, [example]
 
 
-def _cmd_quantize_streaming(args: argparse.Namespace, out: Path) -> int:
+def _launched_world_size() -> int:
+    """The number of processes this one was launched among (``WORLD_SIZE``, set by torchrun; 1 without)."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise QcompileError(f"environment variable WORLD_SIZE={text!r} is not a number of processes") from exc
+
+
+@contextlib.contextmanager
+def _process_group(world: int):
+    """The default ``torch.distributed`` process group when launched as ``world`` > 1
+    processes (torchrun's ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), else
+    None; destroyed on exit. Backend gloo: streaming quantization computes on the CPU (weights
+    memory-mapped from the shards), so the statistics it reduces are CPU tensors."""
+    if world <= 1:
+        yield None
+        return
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group("gloo", init_method="env://")
+    except ValueError as exc:  # a missing variable: launched by hand rather than by torchrun
+        raise QcompileError(f"WORLD_SIZE={world} but torch.distributed cannot start ({exc}); launch with "
+                            "torchrun --nproc-per-node N, which sets RANK, WORLD_SIZE, MASTER_ADDR and "
+                            "MASTER_PORT") from exc
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def _export_streamed(flavor: str, exported: list):
+    """``before_publish`` of a streaming run: load the finished quantized model and write
+    ``model.onnx`` into the folder before it becomes the output (so atomically with it)."""
+
+    def export(work: Path) -> None:
+        from qcompile.export import to_onnx
+
+        from .streamed_model import load_streamed
+
+        exported.append(to_onnx(load_streamed(work, progress=True), work / "model.onnx", flavor=flavor))
+
+    return export
+
+
+def _cmd_quantize_streaming(args: argparse.Namespace, out: Path, group=None) -> int:
+    """Stream ``args.model`` into ``out`` (only rank 0 of ``group`` prints and writes)."""
     from .checkpoint import checkpoint_bytes
+    from .distributed import rank_and_world
     from .streaming import quantize_checkpoint
 
-    if args.export is not None:
-        raise ExportError("--export onnx is not available with streaming quantization yet; quantize first, "
-                          "then export a model that fits in memory")
+    rank, world = rank_and_world(group)
     recipe = _recipe_from(args)
     example, calibration = _stream_inputs(args, recipe)
-    budget = f" (--max-memory {args.max_memory / 1e9:.2f} GB)" if args.max_memory else ""
-    print(f"streaming {args.model}: {checkpoint_bytes(args.model) / 1e9:.2f} GB of weights{budget}, stage by stage")
-    result = quantize_checkpoint(args.model, out, recipe=recipe, calibration=calibration, example=example)
+    flavor = (args.flavor or "ort") if args.export == "onnx" else None
+    exported: list = []
+    if rank == 0:
+        budget = f" (--max-memory {args.max_memory / 1e9:.2f} GB)" if args.max_memory else ""
+        across = f", calibrating across {world} processes" if world > 1 else ""
+        print(f"streaming {args.model}: {checkpoint_bytes(args.model) / 1e9:.2f} GB of weights{budget}, "
+              f"stage by stage{across}")
+    result = quantize_checkpoint(args.model, out, recipe=recipe, calibration=calibration, example=example,
+                                 group=group, progress=rank == 0,
+                                 before_publish=_export_streamed(flavor, exported) if flavor else None)
+    if rank != 0:
+        return 0
     print((out / "report.txt").read_text(), end="")
     total = sum(result.stage_seconds.values())
     print(f"\n{result.stages} stages ({result.resumed} resumed) in {total:.1f} s; peak resident memory "
           f"{result.peak_rss / 2**30:.2f} GiB")
-    print(f"wrote {out}/: manifest.json, stage-*.safetensors, config.json, example.safetensors, report.txt, report.json")
+    written = "manifest.json, stage-*.safetensors, config.json, example.safetensors, report.txt, report.json"
+    for onnx in exported:
+        written += f", model.onnx (flavor {onnx.flavor}, opset {onnx.opset})"
+        if onnx.external_data is not None:
+            written += f", {onnx.external_data.name}"
+    print(f"wrote {out}/: {written}")
+    for onnx in exported:
+        for note in onnx.notes:
+            print(f"note: {note}")
     return 0
 
 
@@ -286,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(quant)
     quant.add_argument("--out", required=True, help="output folder (must not exist)")
     quant.add_argument("--export", choices=["onnx"], default=None,
-                       help="also write DIR/model.onnx (runs in stock ONNX Runtime)")
+                       help="also write DIR/model.onnx (runs in stock ONNX Runtime; weights in DIR/model.onnx.data "
+                            "when over 2 GB). When streaming, the export loads the quantized model into memory "
+                            "(its quantized weights plus the float embeddings and norms)")
     quant.add_argument("--flavor", choices=["ort", "qdq", "qcompile"], default=None,
                        help="ONNX flavor with --export onnx: ort (MatMulNBits, default), qdq (standard "
                             "DequantizeLinear + MatMul), qcompile (qcompile-domain ops with function bodies)")
@@ -295,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "quantized stage by stage, streaming weights from its safetensors shards")
     quant.add_argument("--stream", action="store_true",
                        help="always quantize a Hugging Face folder stage by stage (resumes an interrupted run "
-                            "into the same --out)")
+                            "into the same --out). Under torchrun --nproc-per-node N the calibration batches are "
+                            "shared across the N processes (gloo) and rank 0 writes")
     quant.set_defaults(fn=cmd_quantize)
 
     insp = sub.add_parser("inspect", help="print the per-layer plan and the rewritten graph's ops")

@@ -22,11 +22,13 @@ temporary name, then renamed) holding the stage's quantized linears (``<param>.q
 checkpoint's shards byte for byte), with the
 report rows and the quantized layouts in its metadata; ``manifest.json`` (replaced
 atomically) lists the finished stages. When every stage is done, ``config.json``, the
-example inputs (``example.safetensors``) and the report (``report.txt``,
-``report.json``) are added and ``out.partial`` is renamed ``out``: a run that fails
-never leaves ``out``. Run again with the same arguments, it resumes after the
-last finished stage (earlier stages are re-run from their written weights to remake the
-activations, not re-calibrated); different arguments are refused.
+example inputs (``example.safetensors``, their order in its metadata) and the report
+(``report.txt``, ``report.json``) are added (and whatever ``before_publish`` writes) and
+``out.partial`` is renamed ``out``: a run that fails never leaves ``out``. Run again with
+the same arguments, it resumes after the last finished stage (earlier stages are re-run
+from their written weights to remake the activations, not re-calibrated); different
+arguments are refused.
+``qcompile.streamed_model.load_streamed(out)`` rebuilds the quantized model from ``out``.
 
 Distributed: with a ``torch.distributed`` process ``group`` each rank calibrates on its
 share of the batches and the statistics are all-reduced (``qcompile.distributed``);
@@ -66,6 +68,8 @@ __all__ = ["StreamResult", "quantize_checkpoint", "read_stage", "FORMAT"]
 
 FORMAT = "qcompile-stream/1"
 MANIFEST = "manifest.json"
+# the report's "out err" inputs: no layer output error is measured when streaming
+ERROR_INPUTS = "calibration batches (not measured when streaming)"
 
 
 @dataclasses.dataclass
@@ -156,6 +160,7 @@ def quantize_checkpoint(
     group: Any = None,
     progress: bool = True,
     on_stage_done: Callable[[int, float], None] | None = None,
+    before_publish: Callable[[Path], None] | None = None,
 ) -> StreamResult:
     """Quantize the checkpoint in ``folder`` stage by stage into ``out`` (module docstring).
 
@@ -169,6 +174,10 @@ def quantize_checkpoint(
         example: one batch to capture the model with; default: the first calibration batch.
         group: a ``torch.distributed`` process group to calibrate across (see module docstring).
         on_stage_done: called with ``(stage index, seconds)`` after each stage is written.
+        before_publish: called (rank 0) with the finished ``out.partial`` folder before it is
+            renamed ``out``, to add files to the result atomically (the CLI's ``model.onnx``);
+            if it raises, ``out.partial`` stays, complete, and a run with the same arguments
+            resumes it (every stage done) and calls it again.
     """
     folder, out = Path(folder), Path(out)
     recipe_obj = _check_recipe(resolve_recipe(recipe))
@@ -253,6 +262,8 @@ def quantize_checkpoint(
     result_out = None
     if rank == 0:
         _finish(work, folder, example_flat, captured, recipe_obj, rows, seconds)
+        if before_publish is not None:
+            before_publish(work)
         os.replace(work, out)
         result_out = out
     if group is not None:
@@ -342,10 +353,12 @@ def _finish(work: Path, folder: Path, example_flat: list[Any], captured, recipe:
     shutil.copyfile(folder / "config.json", work / "config.json")
     example = {path: v.contiguous() for path, v in zip(captured.input_paths, example_flat)
                if isinstance(v, torch.Tensor)}
-    save_file(example, str(work / "example.safetensors"))
+    # the flat inputs' order (safetensors lists its keys sorted): the loader captures again
+    # with the arguments in this order (qcompile.streamed_model)
+    save_file(example, str(work / "example.safetensors"), metadata={"input_paths": json.dumps(captured.input_paths)})
     manifest = json.loads((work / MANIFEST).read_text())
     manifest.update(complete=True, stage_seconds=seconds)
-    report = Report(recipe, list(rows.values()), error_inputs="calibration batches (not measured when streaming)")
+    report = Report(recipe, list(rows.values()), error_inputs=ERROR_INPUTS)
     (work / "report.txt").write_text(str(report) + "\n")
     (work / "report.json").write_text(json.dumps(report.to_dict(), indent=1, default=str) + "\n")
     _atomic_json(work / MANIFEST, manifest)
