@@ -6,8 +6,9 @@ For each layer count, generates a Llama-architecture checkpoint with random weig
 of embedding + head and 0.176 GB per layer, so 16 layers are 3.87 GB and 17 are 4.04 GB)
 under ``--workdir``, quantizes it stage by stage with ``qcompile.streaming`` in a fresh
 subprocess (w4a16-gptq: int4 g128 GPTQ with activation order; random-token
-calibration), and reports the subprocess's peak resident memory (``getrusage``
-``ru_maxrss``, which counts the memory-mapped weight pages it touched), the wall time
+calibration), and reports the subprocess's peak resident memory (``VmHWM``, its own
+high-water mark, which counts the memory-mapped weight pages it touched; not
+``ru_maxrss``, which a subprocess inherits from its parent at the fork), the wall time
 of each stage, and the total. The checkpoint and the output are deleted after each run,
 so the disk holds at most one checkpoint and its output.
 
