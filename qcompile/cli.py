@@ -81,11 +81,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_output(out: Path, loaded, qm, onnx_flavor: str | None = None):
+def _write_output(out: Path, loaded, qm, onnx_flavor: str | None = None, onnx_options: dict | None = None):
     """Write the quantized model's artifacts into ``out`` atomically (a temp folder, then rename).
 
-    With ``onnx_flavor``, ``model.onnx`` is exported into the same folder first; returns
-    that export's :class:`qcompile.export.OnnxExport` (None without it).
+    With ``onnx_flavor``, ``model.onnx`` is exported into the same folder first (with
+    ``onnx_options``, keyword arguments of ``to_onnx``); returns that export's :class:`qcompile.export.OnnxExport` (None without it).
     """
     from safetensors.torch import save_file
 
@@ -108,7 +108,7 @@ def _write_output(out: Path, loaded, qm, onnx_flavor: str | None = None):
         if onnx_flavor is not None:
             from qcompile.export import to_onnx
 
-            exported = to_onnx(qm, tmp / "model.onnx", flavor=onnx_flavor)
+            exported = to_onnx(qm, tmp / "model.onnx", flavor=onnx_flavor, **(onnx_options or {}))
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -124,6 +124,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise OutputExistsError(f"the parent folder of --out ({out.parent}) does not exist")
     if args.flavor is not None and args.export != "onnx":
         raise ExportError(f"--flavor {args.flavor} applies to the ONNX export; add --export onnx")
+    if args.w8a8_activations is not None and args.export != "onnx":
+        raise ExportError(f"--w8a8-activations {args.w8a8_activations} applies to the ONNX export; add --export onnx")
     streaming = _should_stream(args)
     world = _launched_world_size()
     if world > 1 and not streaming:
@@ -136,7 +138,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             return _cmd_quantize_streaming(args, out, group)
     loaded, qm = _quantize_loaded(args)
     flavor = (args.flavor or "ort") if args.export == "onnx" else None
-    exported = _write_output(out, loaded, qm, onnx_flavor=flavor)
+    exported = _write_output(out, loaded, qm, onnx_flavor=flavor, onnx_options=_onnx_options(args))
     print(qm.report())
     written = "report.txt, report.json, graph.txt, weights.safetensors"
     if exported is not None:
@@ -236,7 +238,12 @@ def _process_group(world: int):
         dist.destroy_process_group()
 
 
-def _export_streamed(flavor: str, exported: list):
+def _onnx_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments of ``to_onnx`` from the command line (beyond the flavor)."""
+    return {} if args.w8a8_activations is None else {"w8a8_activations": args.w8a8_activations}
+
+
+def _export_streamed(flavor: str, exported: list, options: dict):
     """``before_publish`` of a streaming run: load the finished quantized model and write
     ``model.onnx`` into the folder before it becomes the output (so atomically with it)."""
 
@@ -245,7 +252,7 @@ def _export_streamed(flavor: str, exported: list):
 
         from .streamed_model import load_streamed
 
-        exported.append(to_onnx(load_streamed(work, progress=True), work / "model.onnx", flavor=flavor))
+        exported.append(to_onnx(load_streamed(work, progress=True), work / "model.onnx", flavor=flavor, **options))
 
     return export
 
@@ -268,7 +275,7 @@ def _cmd_quantize_streaming(args: argparse.Namespace, out: Path, group=None) -> 
               f"stage by stage{across}")
     result = quantize_checkpoint(args.model, out, recipe=recipe, calibration=calibration, example=example,
                                  group=group, progress=rank == 0,
-                                 before_publish=_export_streamed(flavor, exported) if flavor else None)
+                                 before_publish=_export_streamed(flavor, exported, _onnx_options(args)) if flavor else None)
     if rank != 0:
         return 0
     print((out / "report.txt").read_text(), end="")
@@ -367,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--flavor", choices=["ort", "qdq", "qcompile"], default=None,
                        help="ONNX flavor with --export onnx: ort (MatMulNBits, default), qdq (standard "
                             "DequantizeLinear + MatMul), qcompile (qcompile-domain ops with function bodies)")
+    quant.add_argument("--w8a8-activations", choices=["per-token", "per-tensor"], default=None,
+                       help="with --export onnx --flavor ort, how W8A8 linears quantize their input in ONNX Runtime: "
+                            "per-token (default: exactly the torch op) or per-tensor (ONNX Runtime's "
+                            "DynamicQuantizeMatMul: faster, not the torch op's numerics; see BENCHMARKS.md)")
     quant.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
                        help="memory budget (e.g. 2GB): a Hugging Face folder whose weights exceed half of it is "
                             "quantized stage by stage, streaming weights from its safetensors shards")

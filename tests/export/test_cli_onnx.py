@@ -80,3 +80,27 @@ def test_inspect_missing_or_broken_onnx_file(tmp_path, capsys):
     broken.write_bytes(b"\x00not a protobuf\xff" * 10)
     rc, _, err = _run(capsys, "inspect", broken)
     assert rc == EXIT_USER_ERROR and "not a readable ONNX model" in err
+
+
+def test_w8a8_per_tensor_activations_from_the_command_line(tmp_path, capsys):
+    calib = tmp_path / "calib.pt"
+    gen = torch.Generator().manual_seed(2)
+    torch.save([(torch.randn(4, 64, generator=gen),) for _ in range(2)], calib)
+    common = ["quantize", MLP, "--recipe", "w8a8", "--calib", calib]
+    rc, _, err = _run(capsys, *common, "--out", tmp_path / "no", "--w8a8-activations", "per-tensor")
+    assert rc == EXIT_USER_ERROR and "add --export onnx" in err and not (tmp_path / "no").exists()
+    rc, _, err = _run(capsys, *common, "--out", tmp_path / "qdq", "--export", "onnx", "--flavor", "qdq",
+                      "--w8a8-activations", "per-tensor")
+    assert rc == EXIT_USER_ERROR and "w8a8_activations" in err and not (tmp_path / "qdq").exists()
+
+    out = tmp_path / "out"
+    rc, stdout, err = _run(capsys, *common, "--out", out, "--export", "onnx", "--w8a8-activations", "per-tensor")
+    assert rc == 0, err
+    import onnx  # noqa: PLC0415
+
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
+    # the MLP's 2 linears: ONNX Runtime's per-tensor dynamic quantization feeding its integer matmul,
+    # none of the exact per-token form's per-row QuantizeLinear
+    assert ops.count("DynamicQuantizeLinear") == 2 and ops.count("MatMulIntegerToFloat") == 2, ops
+    assert "QuantizeLinear" not in ops
+    assert "note:" in stdout and "per-tensor" in stdout
