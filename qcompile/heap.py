@@ -5,10 +5,9 @@ its own ``mmap`` (and unmaps it on ``free``) only above a threshold that it *rai
 the size of every large block freed, up to 32 MiB; below it, blocks come from the heap,
 and freed heap memory is kept by the process for reuse. Stage-by-stage quantization frees
 many blocks of a few to a few tens of MiB (row blocks of a Hessian, GPTQ's updates, a
-stage's activations), so the heap keeps growing with memory the process no longer uses:
-gathering a permuted ``5632 x 5632`` float64 Hessian in row blocks measured 1.65 matrices
-of resident memory instead of 1.0 (``benchmarks/streaming.py`` records the effect on a
-whole run).
+stage's activations), so the heap keeps growing with memory the process no longer uses
+(``tests/test_heap.py`` frees forty 3-10 MiB blocks: tens of MB stay resident by default,
+none with :func:`return_large_frees`; ``benchmarks/streaming.py`` shows a whole run).
 
 :func:`return_large_frees` fixes the threshold (so blocks above it are always mapped and
 unmapped on their own) and :func:`trim_heap` gives free heap pages back. Both are
