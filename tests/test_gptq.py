@@ -190,6 +190,8 @@ def test_blocks_of_rows_give_the_same_result_as_one_block(monkeypatch, bits, gro
     blocked_grid = weight_grid(w, _storage(bits), group_size, symmetric, clip_ratios=ratios, grid_bits=bits)
     assert torch.equal(blocked_grid.scales, grid.scales)
     assert torch.equal(blocked_grid.zero_points, grid.zero_points)
+    # the same float64 products summed per block of rows, then added: ~1e-15 apart; 1e-12
+    # still fails if a block were skipped or counted twice
     w_hat = rtn_dequantized(w, grid)
     full = float((((w_hat - w.double()) @ h) * (w_hat - w.double())).sum())
     assert rtn_proxy_loss(w, grid, h) == pytest.approx(full, rel=1e-12)
@@ -405,4 +407,6 @@ def test_inverse_factor_matches_the_whole_matrix_computation(k):
     # amplified by the dampened H's condition number (< 1e3 here with 1% dampening)
     assert relative_error(u, expected_u) < 1e-12
     # and the defining identity, (H + λI)⁻¹ = Uᵀ U, i.e. U (H + λI) Uᵀ = I
+    # (float64 products of a factor with entries ~1/sqrt(λ): ~1e-13 off the identity measured;
+    # a wrong reversal or a lower factor misses it by O(1))
     assert torch.allclose(u @ damped @ u.mT, torch.eye(k, dtype=torch.float64), atol=1e-10)
