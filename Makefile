@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/qcompile demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) benchmarks/minilm_cpu.py

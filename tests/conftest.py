@@ -1,10 +1,20 @@
-"""Shared fixtures: the real MiniLM, and the zoo's canonical graphs, are built once per session."""
+"""Shared fixtures: the real MiniLM, the zoo's canonical graphs and its quantized models are
+built once per session."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``-n 2``, the README's test command) each worker process runs on
+    one core with one torch thread: two workers with two threads each on the 2-core machines
+    this runs on would stall every multi-threaded kernel at its barriers."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -43,5 +53,33 @@ def canonical_zoo():
             cache[name] = (gm, example, cap.flatten_inputs(args2, kwargs2))
         gm, example, other = cache[name]
         return copy.deepcopy(gm), example, other
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def quantized_zoo():
+    """``get(arch, preset) -> QuantizedModel`` of a zoo architecture (``build(0)``), quantized
+    on its first example (``inputs(0)``), once per session for every test that asks: the
+    architecture tests, the ONNX parity tests and the backend tests share them. Presets that
+    need calibration (smoothing, static activation scales) get
+    :func:`tests.export.helpers.calibration_batches`. Quantized with the pass manager's
+    verification on (it costs well under a second here), so every model any test uses has
+    had its function-preserving passes checked. Tests must not modify the model they get."""
+    import qcompile
+    from tests.export.helpers import calibration_batches
+    from tests.models import zoo
+
+    cache: dict = {}
+
+    def get(arch: str, preset: str):
+        if (arch, preset) not in cache:
+            entry = zoo.ARCHITECTURES[arch]
+            args, kwargs = entry.inputs(0)
+            calibration = calibration_batches(entry) if qcompile.resolve_recipe(preset).needs_calibration else None
+            cache[arch, preset] = qcompile.quantize(
+                entry.build(0), args, kwargs, recipe=preset, calibration=calibration, progress=False
+            )
+        return cache[arch, preset]
 
     return get

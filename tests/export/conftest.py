@@ -1,34 +1,10 @@
-"""Fixtures of the export tests: quantized zoo models and their ONNX exports, made once per
-session and shared (quantizing and exporting dominate the tests' time)."""
+"""Fixtures of the export tests: ONNX exports of the quantized zoo models (``quantized_zoo``,
+tests/conftest.py), made once per session and shared (exporting dominates these tests' time)."""
 from __future__ import annotations
 
 import pytest
 
-import qcompile
 from qcompile.export import to_onnx
-from tests.export.helpers import calibration_batches
-from tests.models import zoo
-
-
-@pytest.fixture(scope="session")
-def quantized_zoo():
-    """``get(arch, preset) -> QuantizedModel`` of a zoo architecture, quantized on its first
-    example; presets that need calibration (smoothing, static activation scales) get
-    :func:`tests.export.helpers.calibration_batches`."""
-    cache: dict = {}
-
-    def get(arch: str, preset: str):
-        if (arch, preset) not in cache:
-            entry = zoo.ARCHITECTURES[arch]
-            args, kwargs = entry.inputs(0)
-            calibration = calibration_batches(entry) if qcompile.resolve_recipe(preset).needs_calibration else None
-            # verify=False: the passes' own tests verify them; here only the result matters.
-            cache[arch, preset] = qcompile.quantize(
-                entry.build(0), args, kwargs, recipe=preset, calibration=calibration, progress=False, verify=False
-            )
-        return cache[arch, preset]
-
-    return get
 
 
 @pytest.fixture(scope="session")

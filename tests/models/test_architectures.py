@@ -46,11 +46,10 @@ def _fake_quantized(model: torch.nn.Module, qm: qcompile.QuantizedModel) -> torc
 
 @pytest.mark.parametrize("recipe", ["w8a16", "w4a16"])
 @pytest.mark.parametrize("name", NAMES)
-def test_quantize(name, recipe):
+def test_quantize(quantized_zoo, name, recipe):
     entry = ARCHITECTURES[name]
     model = entry.build(0)
-    args, kwargs = entry.inputs(0)
-    qm = qcompile.quantize(model, args, kwargs, recipe=recipe, progress=False)
+    qm = quantized_zoo(name, recipe)  # qcompile.quantize(entry.build(0), *entry.inputs(0), recipe=recipe)
 
     linears = linear_in_features(model)
     ops = count_ops(qm)
@@ -85,13 +84,13 @@ BACKEND_NAMES = ["llama", "phi3", "gpt2", "gpt_neox", "bert", "vit"]
 
 
 @pytest.mark.parametrize("name", BACKEND_NAMES)
-def test_torch_compile_backend_converges_with_quantize(name):
+def test_torch_compile_backend_converges_with_quantize(quantized_zoo, name):
     entry = ARCHITECTURES[name]
     model = entry.build(0)
     args, kwargs = entry.inputs(0)
     reports = []
     compiled = torch.compile(model, backend="qcompile", options={"inner": "eager", "on_report": reports.append})
-    qm = qcompile.quantize(model, args, kwargs, recipe="w8a16", progress=False)
+    qm = quantized_zoo(name, "w8a16")  # the same model and example, quantized by qcompile.quantize
     with torch.no_grad():
         got = compiled(*args, **kwargs)
         expected = qm(*args, **kwargs)
