@@ -81,8 +81,11 @@ def test_activation_and_smoothing_presets():
     assert awq.smooth_alphas == tuple(i / 20 for i in range(20))  # AWQ's own grid (n_grid=20)
     assert awq.clip_objective == "hessian" and "clip_objective" in awq.needs_calibration
     assert "smooth" in w8a8.needs_calibration and not PRESETS["w8a16"].needs_calibration
-    off = resolve_recipe({"preset": "w8a8", "smooth": "off"})
+    assert w8a8.method == "gptq" and "gptq" in w8a8.needs_calibration
+    # dynamic per-token int8 without calibration: no smoothing, round-to-nearest weights
+    off = resolve_recipe({"preset": "w8a8", "smooth": "off", "method": "rtn"})
     assert off.smooth == "off" and not off.needs_calibration and off.activation_bits == 8
+    assert "gptq" in resolve_recipe({"preset": "w8a8", "smooth": "off"}).needs_calibration
 
 
 def test_gptq_and_three_bit_recipes():
