@@ -505,8 +505,8 @@ def bench_model(quick: bool, waiter: QuietWaiter, only: Sequence[str] | None = N
             f"{len(calib)} batches of 32 x 128 tokens (the timing batch's shape, which the backend needs: Dynamo "
             "traces the first call with static shapes); the backend runs with inner=\"inductor\", which decomposes "
             "`qcompile::linear_w8a8` into ATen ops (with `torch._int_mm`) so that Inductor fuses the activation "
-            "quantization. w8a8: int8 per-channel weights, dynamic per-token int8 activations, smoothing "
-            "exponent searched per group (the preset).")
+            "quantization. w8a8 (the preset): int8 per-channel weights rounded by GPTQ, dynamic per-token int8 "
+            "activations, smoothing exponent searched per group.")
     return table + "\n\n" + note, setup_table, notes
 
 

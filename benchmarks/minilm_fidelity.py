@@ -24,12 +24,13 @@ Rows (``--recipes`` picks a subset by key; ``--list`` prints the keys):
   ``w4a8-rtn``, ``w4a8-norot``, ``w4a8``, ``w4a8-smooth`` and the same for ``w4a4``): RTN or
   GPTQ int4 g128 weights, with or without the online Hadamard rotation of every linear's
   input, and the presets (GPTQ + rotation) with searched smoothing in front.
-* 8-bit activations: w8a8 (int8 per-channel weights, dynamic per-token int8 activations,
-  SmoothQuant alpha 0.5 folded into the graph); w8a8 without smoothing (the numerics of
-  torchao's ``Int8DynamicActivationInt8WeightConfig``); w8a8 with searched smoothing scales;
-  w8a8-static (one static activation scale per tensor); fp8 (e4m3 weights and activations);
-  w8a8 applied to a bfloat16 copy of the model (its embeddings cast to float32 and compared
-  with the float32 model's).
+* 8-bit activations: the w8a8 preset (int8 per-channel weights rounded by GPTQ, dynamic
+  per-token int8 activations, smoothing exponent searched per group) and with round-to-nearest
+  weights (``w8a8-rtn``); without smoothing, GPTQ or RTN (RTN: the numerics of torchao's
+  ``Int8DynamicActivationInt8WeightConfig``); SmoothQuant's fixed alpha 0.5; w8a8-static
+  (one static activation scale per tensor); fp8 (e4m3 weights and activations); w8a8 (GPTQ
+  and RTN) applied to a bfloat16 copy of the model (its embeddings cast to float32 and
+  compared with the float32 model's).
 * checks: fake-quant copies of the float model (the recipe's numerics without qcompile's
   graph or kernels), and torchao's own int8 dynamic-activation quantization if ``torchao``
   imports.
@@ -239,16 +240,23 @@ def variants() -> list[Variant]:
                 "int4, g128, asym, range search, GPTQ act-order", "int4, dynamic per-token, rotated"),
         Variant("w4a4-smooth", "w4a4 + smooth=\"search\"", {"preset": "w4a4", "smooth": "search"},
                 "int4, g128, asym, range search, GPTQ act-order", "int4, dynamic per-token, smoothed and rotated"),
-        Variant("w8a8", "w8a8 (preset)", "w8a8", "int8, per-channel, symmetric", A8_TOKEN),
+        # the preset rounds its weights by GPTQ; the RTN rows change that one thing
+        Variant("w8a8", "w8a8 (preset)", "w8a8", "int8, per-channel, symmetric, GPTQ act-order", A8_TOKEN),
+        Variant("w8a8-rtn", 'w8a8 method="rtn"', {"preset": "w8a8", "method": "rtn"},
+                "int8, per-channel, symmetric, round to nearest", A8_TOKEN),
         Variant("w8a8-no-smooth", 'w8a8 smooth="off"', {"preset": "w8a8", "smooth": "off"},
-                "int8, per-channel, symmetric", A8_TOKEN),
+                "int8, per-channel, symmetric, GPTQ act-order", A8_TOKEN),
+        Variant("w8a8-no-smooth-rtn", 'w8a8 smooth="off", method="rtn"', {"preset": "w8a8", "smooth": "off", "method": "rtn"},
+                "int8, per-channel, symmetric, round to nearest", A8_TOKEN),
         Variant("w8a8-alpha", 'w8a8 smooth="alpha" 0.5 (SmoothQuant)', {"preset": "w8a8", "smooth": "alpha", "smooth_alpha": 0.5},
-                "int8, per-channel, symmetric", A8_TOKEN),
+                "int8, per-channel, symmetric, GPTQ act-order", A8_TOKEN),
         Variant("w8a8-static", "w8a8-static (preset)", "w8a8-static", "int8, per-channel, symmetric",
                 "int8, static per-tensor"),
         Variant("fp8", "fp8 (preset)", "fp8", "fp8 e4m3, per-channel", "fp8 e4m3, dynamic per-token"),
-        Variant("w8a8-bf16", "w8a8 (preset), bf16 model", "w8a8", "int8, per-channel, symmetric", A8_TOKEN,
-                dtype=torch.bfloat16),
+        Variant("w8a8-bf16", "w8a8 (preset), bf16 model", "w8a8", "int8, per-channel, symmetric, GPTQ act-order",
+                A8_TOKEN, dtype=torch.bfloat16),
+        Variant("w8a8-rtn-bf16", 'w8a8 method="rtn", bf16 model', {"preset": "w8a8", "method": "rtn"},
+                "int8, per-channel, symmetric, round to nearest", A8_TOKEN, dtype=torch.bfloat16),
         Variant("w8a16-fq", "w8a16, fake-quant check", None, "same quantizer, dequantized into the fp32 model",
                 "fp32", kind="fake-quant", check=lambda m: fake_quantized(m, PRESETS["w8a16"])),
         Variant("w4a16-weight-clip-fq", 'w4a16 clip_objective="weight", fake-quant check', None,
