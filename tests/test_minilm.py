@@ -12,10 +12,11 @@ from qcompile.testing import count_ops
 # w8a16 0.99956 mean, w4a16 (g128 asym, range search) 0.9597 mean. The split is fixed and
 # the kernels deterministic, so the margins below are the distance to the requirement.
 THRESHOLDS = {"w8a16": 0.999, "w4a16": 0.955}
-# w8a8 (searched smoothing, per-token int8): 0.9990 mean on these held-out texts when
-# calibrated on 64 texts with the preset's 11-point grid (BENCHMARKS.md); to keep the suite
-# fast this test searches 3 exponents on 32 texts (measured ~0.9988), so it asks a little less.
-W8A8_THRESHOLD = 0.998
+# w8a8 (searched smoothing, GPTQ int8 weights, per-token int8 activations): 0.99927 mean on
+# these held-out texts when calibrated on 64 texts with the preset's 11-point grid
+# (BENCHMARKS.md); to keep the suite fast this test searches 3 exponents on 32 texts
+# (measured 0.99926; 0.99896 with round-to-nearest weights), against the 0.999.
+W8A8_THRESHOLD = 0.999
 W8A8_TEST_RECIPE = {"preset": "w8a8", "smooth_alphas": [0.5, 0.7, 0.9]}
 
 
