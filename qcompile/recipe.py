@@ -362,8 +362,8 @@ PRESETS: dict[str, Recipe] = {
                         clip_objective="hessian", smooth="search", smooth_alphas=AWQ_SEARCH, smooth_objective="stage"),
     # per group, the smoothing exponent (or none) with the least quantized output error, then
     # GPTQ (act-order) for the int8 weights: on MiniLM 0.99927 mean cosine (0.99922 for a bf16
-    # copy of the model), against 0.99902 with round-to-nearest weights and 0.9986 for
-    # SmoothQuant's fixed alpha = 0.5 (BENCHMARKS.md)
+    # copy of the model), against 0.99902 with round-to-nearest weights; SmoothQuant's fixed
+    # alpha = 0.5 gives 0.99885 (RTN weights: 0.99864) (BENCHMARKS.md)
     "w8a8": Recipe(name="w8a8", weight_bits=8, activation_bits=8, smooth="search", method="gptq"),
     # one scale per tensor cannot cover MiniLM's outlier tokens without smoothing chosen for
     # it: 0.9973 with the search against 0.918 with alpha = 0.5
