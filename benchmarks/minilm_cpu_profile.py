@@ -23,9 +23,7 @@ at a given speedup over an Inductor fp32 time you pass (``--inductor-fp32-ms``, 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
@@ -33,8 +31,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-import qcompile
+import qcompile  # noqa: F401  (registers backend="qcompile" with torch.compile)
 from qcompile.data import calibration_and_heldout, load_minilm
+from qcompile.timing import time_interleaved
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from minilm_cpu import N_CALIB_TEXTS, header, timing_batch, timing_shaped_batches  # noqa: E402
@@ -44,15 +43,7 @@ INT8_MATMUL = "aten::_int_mm"
 
 
 def _median_ms(fn, warmup: int = 3, repeat: int = 11) -> float:
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return time_interleaved({"fn": fn}, warmup=warmup, repeat=repeat)["fn"].median_s * 1e3
 
 
 def _int_mm_ops(compiled_shapes: list[tuple[int, int, int]]) -> float:
@@ -109,10 +100,10 @@ def attention_alone_ms(dtype: torch.dtype, batch: int = 32, heads: int = 12, seq
     model's shapes, no mask."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(batch, heads, seq, head_dim, generator=gen, dtype=dtype) for _ in range(3))
-    flash = layers * _median_ms(lambda: F.scaled_dot_product_attention(q, k, v), repeat=21)
     compiled = torch.compile(_math_attention)
-    math = layers * _median_ms(lambda: compiled(q, k, v), repeat=21)
-    return flash, math
+    timings = time_interleaved({"flash": lambda: F.scaled_dot_product_attention(q, k, v),
+                                "math": lambda: compiled(q, k, v)}, warmup=3, repeat=21)
+    return layers * timings["flash"].median_s * 1e3, layers * timings["math"].median_s * 1e3
 
 
 def main(argv: Sequence[str] | None = None) -> None:
