@@ -59,6 +59,8 @@ __all__ = [
     "round_to_e4m3",
     "round_to_bfloat16",
     "cast_output",
+    "guarded_scale",
+    "quantize_codes",
     "prune_quantize_configs",
     "MAX_SINGLE_PASS_BLOCK",
     "LOOP_BLOCK",
@@ -129,7 +131,17 @@ def cast_output(y, OUT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _codes(xs, scale, QMAX: tl.constexpr, FP8: tl.constexpr):
+def guarded_scale(absmax, QMAX: tl.constexpr):
+    """``absmax / qmax`` (correctly rounded), 1.0 where that is below the smallest normal
+    float32: :func:`qcompile.act_quant.usable_scale`'s guard."""
+    scale = tl.div_rn(absmax, QMAX)
+    return tl.where(scale < _MIN_NORMAL, 1.0, scale)
+
+
+@triton.jit
+def quantize_codes(xs, scale, QMAX: tl.constexpr, FP8: tl.constexpr):
+    """float32 ``xs / scale`` rounded to the codes: int8 (half to even, clamped to qmax) or
+    float8 e4m3fn; bit for bit as :func:`qcompile.act_quant.quantize_activation_per_token`."""
     v = tl.div_rn(xs, scale)
     if FP8:
         # Rounded in float32 first, so the conversion is exact: Triton's interpreter (3.9)
@@ -167,10 +179,9 @@ def _quantize_rows_kernel(
         if STATIC:
             scale = tl.load(static_scale_ptr)
         else:
-            scale = tl.div_rn(tl.max(tl.abs(xs), axis=0), QMAX)
-            scale = tl.where(scale < _MIN_NORMAL, 1.0, scale)
+            scale = guarded_scale(tl.max(tl.abs(xs), axis=0), QMAX)
             tl.store(scales_ptr + row, scale)
-        tl.store(c_row + offs, _codes(xs, scale, QMAX, FP8), mask=mask)
+        tl.store(c_row + offs, quantize_codes(xs, scale, QMAX, FP8), mask=mask)
     else:
         if STATIC:
             scale = tl.load(static_scale_ptr)
@@ -180,13 +191,12 @@ def _quantize_rows_kernel(
                 mask = k0 + offs < K
                 xs = _load_smoothed(x_row, smooth_ptr, k0 + offs, mask, HAS_SMOOTH)
                 absmax = tl.maximum(absmax, tl.abs(xs))
-            scale = tl.div_rn(tl.max(absmax, axis=0), QMAX)
-            scale = tl.where(scale < _MIN_NORMAL, 1.0, scale)
+            scale = guarded_scale(tl.max(absmax, axis=0), QMAX)
             tl.store(scales_ptr + row, scale)
         for k0 in range(0, K, BLOCK_K):
             mask = k0 + offs < K
             xs = _load_smoothed(x_row, smooth_ptr, k0 + offs, mask, HAS_SMOOTH)
-            tl.store(c_row + k0 + offs, _codes(xs, scale, QMAX, FP8), mask=mask)
+            tl.store(c_row + k0 + offs, quantize_codes(xs, scale, QMAX, FP8), mask=mask)
 
 
 def quantize_rows(
