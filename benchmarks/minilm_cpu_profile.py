@@ -14,7 +14,10 @@ forwards with ``torch.profiler`` and splits their CPU time into:
   LayerNorm, GELU and the per-token activation quantization);
 * the rest (framework overhead).
 
-For scale it times attention alone at the model's shapes ([32, 12, 128, 32], with no mask:
+For scale it times the model's linears alone at the int8 graph's GEMM shapes (Q, K and V
+merged into one) as float32 and bfloat16 ``F.linear`` and as ``torch._int_mm``: the GEMM cost
+of Inductor fp32, of Inductor bf16 and of the int8 path on this CPU, and so the most that
+bf16 can gain here. It times attention alone at the model's shapes ([32, 12, 128, 32], with no mask:
 the fastest these kernels run them) with the flash kernel and with the math form compiled by
 Inductor, and prints what the int8 matmuls and the faster attention leave for everything else
 at a given speedup over an Inductor fp32 time you pass (``--inductor-fp32-ms``, from
@@ -86,7 +89,28 @@ def profile(dtype: torch.dtype, runs: int) -> dict[str, float]:
             buckets["other (framework)"] += ms
     shapes = _record_int_mm_shapes(prof)
     int8_gops = _int_mm_ops(shapes) / runs / 1e9
-    return {"forward_ms": forward_ms, "int8_gop": int8_gops, **buckets}
+    return {"forward_ms": forward_ms, "int8_gop": int8_gops, "shapes": shapes, **buckets}
+
+
+def linear_floors_ms(shapes: list[tuple[int, int, int]], runs: int) -> dict[str, float]:
+    """ms per forward of the model's linears alone (the int8 matmuls' shapes, ``runs``
+    forwards' worth of them) as float32 and bfloat16 ``F.linear`` and as ``torch._int_mm``:
+    what the GEMMs of Inductor fp32, Inductor bf16 and the int8 path cost on this CPU."""
+    counts: dict[tuple[int, int, int], int] = defaultdict(int)
+    for shape in shapes:
+        counts[shape] += 1
+    gen = torch.Generator().manual_seed(0)
+    totals: dict[str, float] = defaultdict(float)
+    for (m, k, n), count in counts.items():
+        x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+        xb, wb = x.bfloat16(), w.bfloat16()
+        a, b = torch.randint(-127, 128, (m, k), dtype=torch.int8), torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        bt = b.t()
+        timings = time_interleaved({"fp32": lambda: F.linear(x, w), "bf16": lambda: F.linear(xb, wb),
+                                    "int8": lambda: torch._int_mm(a, bt)}, warmup=2, repeat=7)
+        for name, timing in timings.items():
+            totals[name] += count / runs * timing.median_s * 1e3
+    return dict(totals)
 
 
 def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -122,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     result = profile(dtype, args.runs)
     forward = result.pop("forward_ms")
     gop = result.pop("int8_gop")
+    shapes = result.pop("shapes")
     profiled = sum(result.values())
     print(f"forward (median of 11, not profiled): {forward:.1f} ms; profiled: {profiled:.1f} ms per forward "
           f"(mean of {args.runs})\n")
@@ -133,6 +158,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     print()
     if int_mm_ms:
         print(f"- int8 matmuls: {gop:.1f} GOP per forward, {gop / int_mm_ms * 1e3:.0f} GOP/s")
+    floors = linear_floors_ms(shapes, args.runs)
+    print(f"- the model's linears alone ({len(shapes) // args.runs} GEMMs at the int8 graph's shapes): float32 "
+          f"F.linear {floors['fp32']:.1f} ms, bfloat16 F.linear {floors['bf16']:.1f} ms, int8 torch._int_mm "
+          f"{floors['int8']:.1f} ms per forward")
+    if args.inductor_fp32_ms:
+        print(f"  (so on this CPU Inductor bf16, whose linears are bf16 GEMMs, cannot run faster than "
+              f"{args.inductor_fp32_ms / floors['bf16']:.2f}x Inductor fp32's {args.inductor_fp32_ms:.0f} ms even "
+              "if everything but its GEMMs took no time)")
     floor, math = attention_alone_ms(dtype)
     print(f"- attention alone at the model's shapes, no mask (6 layers of [32, 12, 128, 32] {args.dtype}): "
           f"flash SDPA {floor:.1f} ms; the math form (matmul, softmax, matmul) compiled by Inductor {math:.1f} ms")
