@@ -20,15 +20,13 @@ Bounds, with S = sum over the block of |x_i * s_i| / sqrt(b) (= (|x| @ |Q|) per 
 from __future__ import annotations
 
 import math
-import os
 import re
-import subprocess
-import sys
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
+
+from tests.kernels.interpreter import run_kernel_cases
 
 import qcompile.kernels  # noqa: F401  (registers the ops)
 from qcompile.hadamard import apply_hadamard, random_signs, rotation_plan
@@ -232,14 +230,7 @@ def test_clear_errors():
 @needs_triton
 @not_interpreted
 def test_kernel_cases_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider"]
-    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"interpreter cases failed (rc {done.returncode}):\n{output[-12000:]}"
-    passed = re.search(r"(\d+) passed", output)
-    assert passed and int(passed.group(1)) >= 4, f"too few interpreter cases ran:\n{output[-4000:]}"
+    run_kernel_cases(__file__, 4)
 
 
 @needs_triton

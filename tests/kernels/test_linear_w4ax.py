@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from tests.kernels.interpreter import run_kernel_cases
 
 import qcompile.kernels  # noqa: F401  (registers the ops)
 from qcompile.act_quant import quantize_activation_per_token, smooth_activation
@@ -372,15 +370,7 @@ def test_cuda_reference_matches_cpu():
 
 @pytest.mark.skipif(not TRITON_INSTALLED or INTERPRETED, reason="needs triton; runs the interpreter cases")
 def test_triton_cases_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider",
-           "-k", "triton_case"]
-    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"interpreter cases failed (rc {done.returncode}):\n{output[-12000:]}"
-    passed = re.search(r"(\d+) passed", output)
-    assert passed and int(passed.group(1)) >= 8, f"too few interpreter cases ran:\n{output[-4000:]}"
+    run_kernel_cases(__file__, 8, "-k", "triton_case")
 
 
 def _device_case(*args):

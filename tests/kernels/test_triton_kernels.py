@@ -35,15 +35,13 @@ the split-K choice and the dispatch of the registered CUDA implementations.
 """
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
+
+from tests.kernels.interpreter import run_kernel_cases
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
@@ -115,14 +113,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @compiled_only
 def test_kernel_cases_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider"]
-    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"interpreter cases failed (rc {done.returncode}):\n{output[-12000:]}"
-    passed = re.search(r"(\d+) passed", output)
-    assert passed and int(passed.group(1)) >= 20, f"too few interpreter cases ran:\n{output[-4000:]}"
+    run_kernel_cases(__file__, 20)
 
 
 # ---------------------------------------------------------------------------------------

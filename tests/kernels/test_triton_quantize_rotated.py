@@ -35,15 +35,13 @@ Bounds (u = 2**-24; S = sum over the block of |x_i s_i| / sqrt(block), per outpu
 from __future__ import annotations
 
 import math
-import os
 import re
-import subprocess
-import sys
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
+
+from tests.kernels.interpreter import run_kernel_cases
 
 from qcompile.act_quant import FP8_DTYPE, act_qmax
 from qcompile.hadamard import apply_block_hadamard, random_signs, rotation_plan
@@ -205,14 +203,7 @@ def _run_case(n, block, leading, dtype, signs_kind, bits, format, key):
 @needs_triton
 @not_interpreted
 def test_kernel_cases_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider"]
-    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"interpreter cases failed (rc {done.returncode}):\n{output[-12000:]}"
-    passed = re.search(r"(\d+) passed", output)
-    assert passed and int(passed.group(1)) >= 8, f"too few interpreter cases ran:\n{output[-4000:]}"
+    run_kernel_cases(__file__, 8)
 
 
 # ---------------------------------------------------------------------------------------
@@ -365,7 +356,6 @@ def test_limit_and_pruning():
 def test_kernel_compiles_for_sm90_with_correct_rounding(fp8):
     # H_12 (x) H_64 in 3 blocks (padded to 4) of bfloat16 for an H100 target (no GPU needed):
     # everything lowers, divisions are correctly rounded and nothing is contracted into an FMA.
-    import triton.language as tl
     from triton.backends import backends as triton_backends
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
