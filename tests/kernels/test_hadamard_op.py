@@ -26,7 +26,13 @@ import zlib
 import pytest
 import torch
 
-from tests.kernels.interpreter import run_kernel_cases
+from tests.kernels.interpreter import (
+    DEVICE,
+    kernel_case,
+    needs_triton,
+    not_interpreted,
+    run_kernel_cases,
+)
 
 import qcompile.kernels  # noqa: F401  (registers the ops)
 from qcompile.hadamard import apply_hadamard, random_signs, rotation_plan
@@ -38,23 +44,6 @@ OUTPUT_ROUNDOFF = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2
 X_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LEADING = [(1,), (3,), (17,), (2, 3)]
 
-try:
-    import triton  # noqa: F401
-
-    from qcompile.kernels import _triton_common as common
-
-    INTERPRETED = common.interpreter_active()
-    HAVE_TRITON = True
-except ImportError:
-    INTERPRETED = HAVE_TRITON = False
-ON_CUDA = HAVE_TRITON and torch.cuda.is_available() and not INTERPRETED
-DEVICE = "cuda" if ON_CUDA else "cpu"
-kernel_case = pytest.mark.skipif(
-    not (INTERPRETED or ON_CUDA),
-    reason="kernel case: runs under the interpreter in test_kernel_cases_under_the_interpreter's subprocess",
-)
-needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
-not_interpreted = pytest.mark.skipif(INTERPRETED, reason="main-process test")
 
 
 def _gen(*key) -> torch.Generator:
@@ -236,6 +225,8 @@ def test_kernel_cases_under_the_interpreter():
 @needs_triton
 @not_interpreted
 def test_cuda_implementation_registered_and_switch(monkeypatch):
+    from qcompile.kernels import _triton_common as common
+
     assert torch._C._dispatch_has_kernel_for_dispatch_key("qcompile::hadamard", "CUDA")
     cuda_impl = common.CUDA_IMPLEMENTATIONS["qcompile::hadamard"]
     x, small, signs, block = _case(192, (3,), torch.float32, True, "switch")
@@ -251,6 +242,7 @@ def test_cuda_implementation_registered_and_switch(monkeypatch):
 def test_kernel_compiles_for_sm90():
     # H_12 (x) H_32 on bfloat16 for an H100 target (no GPU needed): the small-matrix loop, the
     # butterflies (reshape / permute / split / join) and the bfloat16 rounding all lower.
+    import triton
     import triton.language as tl
     from triton.backends import backends as triton_backends
     from triton.backends.compiler import GPUTarget

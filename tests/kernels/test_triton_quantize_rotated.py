@@ -41,30 +41,20 @@ import zlib
 import pytest
 import torch
 
-from tests.kernels.interpreter import run_kernel_cases
+from tests.kernels.interpreter import (
+    DEVICE,
+    INTERPRETED,
+    kernel_case,
+    needs_triton,
+    not_interpreted,
+    run_kernel_cases,
+)
 
 from qcompile.act_quant import FP8_DTYPE, act_qmax
 from qcompile.hadamard import apply_block_hadamard, random_signs, rotation_plan
 from qcompile.kernels.hadamard import hadamard_args
 from qcompile.kernels.quantize_rotated import quantize_rotated_reference, rotate_float32
 
-try:
-    import triton  # noqa: F401
-
-    from qcompile.kernels import _triton_common as common
-
-    INTERPRETED = common.interpreter_active()
-    HAVE_TRITON = True
-except ImportError:
-    INTERPRETED = HAVE_TRITON = False
-ON_CUDA = HAVE_TRITON and torch.cuda.is_available() and not INTERPRETED
-DEVICE = "cuda" if ON_CUDA else "cpu"
-kernel_case = pytest.mark.skipif(
-    not (INTERPRETED or ON_CUDA),
-    reason="kernel case: runs under the interpreter in test_kernel_cases_under_the_interpreter's subprocess",
-)
-needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
-not_interpreted = pytest.mark.skipif(INTERPRETED, reason="main-process test")
 
 U32 = 2.0**-24
 X_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -356,6 +346,7 @@ def test_limit_and_pruning():
 def test_kernel_compiles_for_sm90_with_correct_rounding(fp8):
     # H_12 (x) H_64 in 3 blocks (padded to 4) of bfloat16 for an H100 target (no GPU needed):
     # everything lowers, divisions are correctly rounded and nothing is contracted into an FMA.
+    import triton
     from triton.backends import backends as triton_backends
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
