@@ -18,6 +18,8 @@ import torch
 
 from .errors import CalibrationError, ModelLoadError
 
+__all__ = ["LoadedModel", "load_model", "load_calibration"]
+
 
 @dataclass
 class LoadedModel:
@@ -40,10 +42,13 @@ def _example_as_call(example: Any) -> tuple[tuple, dict]:
 def _load_factory(spec: str) -> LoadedModel:
     module_name, _, attr = spec.partition(":")
     # The console script's sys.path holds the script's folder, not the working directory
-    # (unlike ``python -m``); look there too, as ``python -m`` and uvicorn/gunicorn do.
+    # (unlike ``python -m``); look there too, as ``python -m`` and uvicorn/gunicorn do, but
+    # last: a folder there named like an installed package (qcompile's own repository has
+    # kernels/, which transformers would import instead of the `kernels` distribution) must
+    # not shadow it.
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
-        sys.path.insert(0, cwd)
+        sys.path.append(cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

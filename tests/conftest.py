@@ -4,9 +4,26 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
+from pathlib import Path
 
 import pytest
-import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _drop_repository_root_from_sys_path() -> None:
+    """The repository's top-level folders (kernels/, export/, passes/) are installed as
+    ``qcompile.kernels`` etc.; with the root on sys.path they would also be found as top-level
+    packages and shadow installed ones (transformers imports the ``kernels`` distribution).
+    ``pytest`` with the configured ``--import-mode=importlib`` never adds the root; ``python -m
+    pytest`` does (the working directory), so it is taken out again before any test imports."""
+    sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != REPO]
+
+
+_drop_repository_root_from_sys_path()
+
+import torch  # noqa: E402  (after the sys.path clean-up: torch imports nothing of ours, but stay safe)
 
 
 def pytest_configure(config):

@@ -17,7 +17,6 @@ from qcompile.cli import main
 from qcompile.streaming import read_stage
 
 VOCAB = 257
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_torchrun_two_processes_equal_one(tmp_path):
@@ -37,7 +36,7 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     launched = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "qcompile.cli",
          *args, "--out", str(tmp_path / "two")],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # the 1-process run, meanwhile (a float32 matmul may round differently with other thread counts)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
