@@ -19,10 +19,14 @@ from qcompile.passes.rotate_residual import rotate_residual
 from .calibration import flatten_calibration
 from .capture import CapturedGraph, capture
 from .errors import CalibrationError
+from .graph_utils import get_constant
+from .higher_order import weights_in_bodies
 from .layer_error import layer_output_errors
 from .pipeline import PassContext, run_passes
 from .recipe import Recipe, resolve_recipe
-from .report import Report
+from .report import Report, format_bytes
+
+__all__ = ["QuantizedModel", "build_pipeline", "quantize_graph", "quantize"]
 
 
 class QuantizedModel(torch.nn.Module):
@@ -78,6 +82,7 @@ def quantize_graph(
         dump_dir=Path(dump_dir) if dump_dir is not None else None,
         progress=progress,
     )
+    ctx.notes.extend(_body_weight_notes(captured.graph_module))
     passes = build_pipeline(recipe)
     split = passes.index(lower_to_kernels)
     gm = run_passes(captured.graph_module, passes[:split], ctx)
@@ -94,6 +99,17 @@ def quantize_graph(
         notes=list(ctx.notes),
         precision=ctx.analyses.get("precision"),
     )
+
+
+def _body_weight_notes(gm: fx.GraphModule) -> list[str]:
+    """Weights that only the body of a higher-order op (``torch.cond``, ...) computes with: the
+    passes do not rewrite inside such bodies, so they stay float, and the report says so."""
+    rows = weights_in_bodies(gm, get_constant)
+    if not rows:
+        return []
+    listed = ", ".join(f"{name} ({op}, {format_bytes(nbytes)})" for name, op, nbytes in rows)
+    return [f"{len(rows)} weight(s) used inside higher-order ops stay float (passes do not rewrite inside "
+            f"control-flow bodies): {listed}"]
 
 
 def quantize(

@@ -11,8 +11,10 @@ Two entry points converge here:
 The canonical graph: placeholders for the flattened user inputs only, parameters and
 buffers as ``get_attr`` constants (buffers of the GraphModule, with the source name of
 each in ``node.meta['qcompile.source']``), functional ATen ops (``run_decompositions({})``
-keeps composite ops such as ``aten.linear`` and ``aten.layer_norm``), a flat tuple
-output, and ``meta['val']`` (shape/dtype) on every node. Batch and sequence dimensions
+keeps composite ops such as ``aten.linear`` and ``aten.layer_norm``; ``aten.view`` is
+written as ``aten.reshape``, which holds under any strides), the bodies of wrapper
+higher-order ops (checkpointing, ``wrap``) inlined and others (``cond``) carried along
+(:mod:`qcompile.higher_order`), a flat tuple output, and ``meta['val']`` (shape/dtype) on every node. Batch and sequence dimensions
 stay symbolic (``Dim.AUTO`` on every input dimension), so the captured graph accepts
 every shape the model accepts.
 """
@@ -34,6 +36,17 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .errors import CaptureError, InputMismatchError
 from .graph_utils import _attr_name
+from .higher_order import inline_wrappers
+
+__all__ = [
+    "CapturedGraph",
+    "register_output_types",
+    "dynamic_shapes_for",
+    "capture",
+    "freeze_exported_program",
+    "FrozenDynamoGraph",
+    "freeze_dynamo_graph",
+]
 
 _SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
 _LEAF_TYPES = (torch.Tensor, int, float, bool, str, complex, type(None), torch.dtype, torch.device)
@@ -309,13 +322,24 @@ def freeze_exported_program(ep: ExportedProgram) -> CapturedGraph:
             new_graph.output(tuple(fx.node.map_arg(o, lambda n: env[n]) for o in outs))
             continue
         if node.op == "get_attr":
-            raise CaptureError(f"unexpected submodule or attribute {node.target!r} in the exported graph")
+            body = getattr(gm, node.target, None)
+            if not isinstance(body, fx.GraphModule):
+                raise CaptureError(f"unexpected submodule or attribute {node.target!r} in the exported graph")
+            # the body of a higher-order op (torch.cond's branches, ...): carried along
+            root.add_module(node.target, body)
         new = new_graph.node_copy(node, lambda n: env[n])
+        if new.target == torch.ops.aten.view.default:
+            # The decomposition of ``reshape`` chose ``view`` for the strides seen while
+            # tracing; a re-trace (Inductor) can give a tensor other strides (cat, permute),
+            # where the view is invalid. The canonical graph is functional, so a reshape
+            # computes the same values under any strides.
+            new.target = torch.ops.aten.reshape.default
         env[node] = new
         if first_non_placeholder is None:
             first_non_placeholder = new
 
     out = fx.GraphModule(root, new_graph, class_name="CanonicalGraph")
+    inline_wrappers(out)
     out.graph.lint()
     in_spec = ep.call_spec.in_spec
     paths = [pytree.keystr(p) for p, _ in pytree.tree_flatten_with_path(pytree.tree_unflatten([0] * in_spec.num_leaves, in_spec))[0]]
@@ -400,7 +424,10 @@ def freeze_dynamo_graph(gm: fx.GraphModule, example_inputs: list[Any]) -> Frozen
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(example_inputs):
         raise CaptureError(f"Dynamo passed {len(example_inputs)} inputs for {len(placeholders)} placeholders")
-    frozen = fx.GraphModule(torch.nn.Module(), _copy_graph(gm.graph))
+    # ``gm`` as the root: the submodules its ``get_attr`` nodes name (the bodies of
+    # higher-order ops such as ``wrap``, checkpointing, ``cond`` or autograd functions)
+    # come along; its parameters do not, since Dynamo passes those as placeholders.
+    frozen = fx.GraphModule(gm, _copy_graph(gm.graph))
     frozen_placeholders = [n for n in frozen.graph.nodes if n.op == "placeholder"]
     user_indices: list[int] = []
     user_names: list[str] = []
@@ -420,6 +447,7 @@ def freeze_dynamo_graph(gm: fx.GraphModule, example_inputs: list[Any]) -> Frozen
             symint_nodes.append((node, orig))
     for node, orig in symint_nodes:
         _replace_symint_placeholder(frozen, node, orig, placeholders)
+    inline_wrappers(frozen)  # e.g. checkpointing, which torch.export cannot trace
     frozen.recompile()
     return FrozenDynamoGraph(frozen, user_indices, user_names)
 

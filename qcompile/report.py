@@ -7,8 +7,10 @@ from typing import Any
 from .pipeline import PassRecord
 from .recipe import Recipe
 
+__all__ = ["format_bytes", "Report"]
 
-def _fmt_bytes(n: float) -> str:
+
+def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -70,7 +72,7 @@ class Report:
                 f"{r['shape'][0]}x{r['shape'][1]}",
                 r.get("format", "float"),
                 str(r.get("bits", "")),
-                _fmt_bytes(r.get("bytes", r.get("float_bytes", 0))),
+                format_bytes(r.get("bytes", r.get("float_bytes", 0))),
                 f"{r['output_error']:.2e}" if "output_error" in r else "-",
                 *((r.get("smoothing", "-"),) if smoothing else ()),
                 *((_rotation_cell(r),) if rotation else ()),
@@ -86,7 +88,7 @@ class Report:
         out += [line(r) for r in rows]
         if self.float_bytes:
             out.append(
-                f"linear weights: {_fmt_bytes(self.float_bytes)} float -> {_fmt_bytes(self.quantized_bytes)} "
+                f"linear weights: {format_bytes(self.float_bytes)} float -> {format_bytes(self.quantized_bytes)} "
                 f"({self.float_bytes / max(self.quantized_bytes, 1):.2f}x smaller); "
                 f"out err = relative output error of each layer on the {self.error_inputs}"
             )

@@ -16,6 +16,16 @@ import torch.utils._pytree as pytree
 from .errors import VerificationError
 from .graph_utils import EXACT_META, get_constant
 
+__all__ = [
+    "EQUIVALENCE_RTOL",
+    "check_structure",
+    "to_float64",
+    "has_exact_values",
+    "drop_exact_values",
+    "run_float64",
+    "check_equivalence",
+]
+
 # float64 keeps rounding error near 1e-16 per op; a function-preserving rewrite that
 # re-associates a few products (e.g. folds a scale into a weight) moves results by a few
 # ulps times the depth of the graph, far below 1e-9 relative. A real bug moves them by
@@ -31,13 +41,13 @@ def check_structure(gm: fx.GraphModule) -> None:
     except Exception as exc:  # lint raises RuntimeError/AssertionError; report which
         raise VerificationError(f"graph.lint() failed: {exc}") from exc
     for node in gm.graph.nodes:
+        obj: Any = _attr(gm, node.target) if node.op == "get_attr" else None
+        if isinstance(obj, torch.nn.Module):
+            continue  # the body of a higher-order op (a graph, not a value)
         if node.op in ("call_function", "get_attr", "placeholder") and "val" not in node.meta and _returns(node):
             raise VerificationError(f"node {node.name!r} ({node.op} {node.target}) has no shape/dtype metadata")
         if node.op == "get_attr":
             val = node.meta["val"]
-            obj: Any = gm
-            for part in node.target.split("."):
-                obj = getattr(obj, part)
             if isinstance(val, torch.Tensor) and isinstance(obj, torch.Tensor):
                 if tuple(val.shape) != tuple(obj.shape) or val.dtype != obj.dtype:
                     raise VerificationError(
@@ -46,10 +56,25 @@ def check_structure(gm: fx.GraphModule) -> None:
                     )
 
 
+def _attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _returns(node: fx.Node) -> bool:
     """Whether a node produces a value (asserts such as ``aten._assert_tensor_metadata`` do not)."""
     schema = getattr(node.target, "_schema", None)
     return schema is None or len(schema.returns) > 0
+
+
+def _is_assertion(node: fx.Node) -> bool:
+    """An op that returns nothing and mutates nothing: a check (``aten._assert_tensor_metadata``,
+    ``aten._assert_scalar``, ``aten.sym_constrain_range_for_size``, ...), by its schema."""
+    schema = getattr(node.target, "_schema", None)
+    return (node.op == "call_function" and schema is not None and not schema.returns and not schema.is_mutable
+            and not node.users)
 
 
 def _fold_constant_expressions(gm: fx.GraphModule) -> None:
@@ -111,11 +136,18 @@ def to_float64(gm: fx.GraphModule) -> fx.GraphModule:
     def promote(a: Any) -> Any:
         return torch.float64 if a in _LOW_PRECISION else a
 
-    for node in gm64.graph.nodes:
-        if node.op == "call_function":
-            node.args = pytree.tree_map(promote, node.args)
-            node.kwargs = pytree.tree_map(promote, node.kwargs)
-    gm64.recompile()
+    for module in gm64.modules():  # the graph and the bodies of its higher-order ops
+        if not isinstance(module, fx.GraphModule):
+            continue
+        for node in list(module.graph.nodes):
+            if _is_assertion(node):
+                # It computes nothing, and what it asserts (``dtype=float32``, a size) is about
+                # the graph at the model's precision, which check_structure verifies.
+                module.graph.erase_node(node)
+            elif node.op == "call_function":
+                node.args = pytree.tree_map(promote, node.args)
+                node.kwargs = pytree.tree_map(promote, node.kwargs)
+        module.recompile()
     return gm64
 
 
