@@ -34,6 +34,8 @@ from qcompile.precision_ilp import BudgetConstraint, BudgetInfeasibleError, solv
 from qcompile.sensitivity import SensitivityTable, layer_sensitivity
 from qcompile.weight_formats import PRECISION_META, candidate_formats
 
+__all__ = ["budget_constraints", "activation_ties", "assign_precision"]
+
 
 def _sensitivity(gm: fx.GraphModule, ctx: PassContext, nodes, formats):
     recipe = ctx.recipe

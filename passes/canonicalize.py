@@ -18,6 +18,8 @@ import torch.fx as fx
 from qcompile.graph_utils import add_constant, eliminate_dead_constants, get_constant, infer_meta, resolve_matrix
 from qcompile.pipeline import GraphPass, PassContext, PassResult
 
+__all__ = ["canonicalize"]
+
 aten = torch.ops.aten
 
 

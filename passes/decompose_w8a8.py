@@ -42,6 +42,8 @@ from qcompile.graph_utils import add_constant, eliminate_dead_constants, get_con
 from qcompile.kernels.linear_w8a8 import INT_MM_CPU_MIN_K, INT_MM_MAX_K
 from qcompile.pipeline import GraphPass, PassContext, PassResult
 
+__all__ = ["decompose_w8a8"]
+
 aten = torch.ops.aten
 _TINY = torch.finfo(torch.float32).tiny
 

@@ -62,6 +62,8 @@ from qcompile.smoothing import (
 from qcompile.smoothing_groups import SmoothingGroup, constant_value, find_smoothing_groups
 from qcompile.stage_smoothing import plan_stage_search, search_on_stages
 
+__all__ = ["SEARCH_ROWS", "fold_smoothing"]
+
 aten = torch.ops.aten
 
 # Calibration tokens per group the α search measures errors on.

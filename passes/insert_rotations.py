@@ -43,6 +43,8 @@ from qcompile.hadamard import RotationPlan, apply_hadamard, random_signs, rotati
 from qcompile.kernels.hadamard import hadamard_args
 from qcompile.pipeline import GraphPass, PassContext, PassResult
 
+__all__ = ["HADAMARD_OP", "insert_rotations"]
+
 HADAMARD_OP = torch.ops.qcompile.hadamard.default
 
 

@@ -31,6 +31,8 @@ from qcompile.graph_utils import (
 from qcompile.kernels import ACTIVATION_QUANT_LINEAR_OPS, W4_ACT_QUANT_LINEAR_OPS, WEIGHT_ONLY_LINEAR_OPS
 from qcompile.pipeline import GraphPass, PassContext, PassResult
 
+__all__ = ["lower_to_kernels"]
+
 
 def _constants(gm: fx.GraphModule, node: fx.Node, source: str, tensors: dict) -> dict:
     out = {}

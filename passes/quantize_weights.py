@@ -56,6 +56,8 @@ from qcompile.sequential import run_stages
 from qcompile.stages import find_stages, stage_module
 from qcompile.weight_formats import PRECISION_META, effective_group
 
+__all__ = ["quantize_stage", "quantize_weights"]
+
 
 def _input_stats(gm: fx.GraphModule, ctx: PassContext):
     """Calibration statistics of every linear's input, as this pass sees the graph (after

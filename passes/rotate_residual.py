@@ -41,6 +41,8 @@ from qcompile.hadamard import RotationPlan, apply_hadamard, random_signs, rotati
 from qcompile.pipeline import GraphPass, PassContext, PassResult
 from qcompile.residual_stream import Reader, ResidualStream, find_residual_streams
 
+__all__ = ["rotate_residual"]
+
 aten = torch.ops.aten
 
 # keeps the residual rotation's signs apart from the input rotations' (seeded rotation_seed + width)

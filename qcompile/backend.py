@@ -30,6 +30,8 @@ from .pipeline import PassContext, run_passes
 from .recipe import Recipe, resolve_recipe
 from .report import Report
 
+__all__ = ["BackendOptions", "qcompile_backend"]
+
 _INNER = ("inductor", "eager")
 
 

@@ -20,6 +20,17 @@ from .capture import CapturedGraph
 from .errors import CalibrationError, InputMismatchError
 from .graph_utils import layer_name, linear_weight, quantizable_linears
 
+__all__ = [
+    "LinearHook",
+    "LinearInputInterpreter",
+    "LinearStats",
+    "CalibrationStats",
+    "normalize_batch",
+    "flatten_calibration",
+    "collect_linear_stats",
+    "collect_input_samples",
+]
+
 LinearHook = Callable[[fx.Node, torch.Tensor, torch.Tensor], None]
 
 

@@ -6,6 +6,18 @@ do instead. Errors from torch are chained (``raise ... from exc``), never swallo
 """
 from __future__ import annotations
 
+__all__ = [
+    "QcompileError",
+    "CaptureError",
+    "RecipeError",
+    "CalibrationError",
+    "InputMismatchError",
+    "VerificationError",
+    "OutputExistsError",
+    "ModelLoadError",
+    "ExportError",
+]
+
 
 class QcompileError(Exception):
     """Base class of all qcompile errors."""

@@ -12,6 +12,29 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
+__all__ = [
+    "QWEIGHT_META",
+    "ACTQ_META",
+    "ACT_BITS_META",
+    "SMOOTHING_META",
+    "ROTATION_META",
+    "RESIDUAL_META",
+    "EXACT_META",
+    "get_constant",
+    "resolve_matrix",
+    "add_constant",
+    "graph_fake_mode",
+    "infer_meta",
+    "users_of",
+    "call_nodes",
+    "op_name",
+    "eliminate_dead_constants",
+    "linear_weight",
+    "layer_name",
+    "quantizable_linears",
+    "linears_to_quantize",
+]
+
 aten = torch.ops.aten
 
 # node.meta key of the QuantizedWeight that quantize_weights attaches to a linear

@@ -16,6 +16,8 @@ from .calibration import LinearInputInterpreter
 from .graph_utils import ACTQ_META, QWEIGHT_META, layer_name, linear_weight
 from .quantizers import dequantize_weight
 
+__all__ = ["layer_output_errors"]
+
 
 
 

@@ -26,6 +26,8 @@ from .errors import VerificationError
 from .recipe import Recipe
 from .verify import check_equivalence, check_structure, drop_exact_values, has_exact_values
 
+__all__ = ["PassResult", "GraphPass", "PassRecord", "PassContext", "run_passes"]
+
 
 @dataclass
 class PassResult:

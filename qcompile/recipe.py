@@ -9,6 +9,16 @@ from typing import Any
 from .budget import Budget, check_precision_fields
 from .errors import RecipeError
 
+__all__ = [
+    "Recipe",
+    "CLIP_SEARCH",
+    "SMOOTH_SEARCH",
+    "AWQ_SEARCH",
+    "PRESETS",
+    "DEFAULT_PRESET",
+    "resolve_recipe",
+]
+
 _WEIGHT_BITS = (3, 4, 8)
 _ACTIVATION_BITS = (16, 8, 4)
 _ACTIVATION_FORMATS = ("int", "fp8")

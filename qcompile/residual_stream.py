@@ -43,6 +43,16 @@ import torch.fx as fx
 from qcompile.graph_utils import get_constant
 from qcompile.smoothing_groups import constant_value
 
+__all__ = [
+    "LINEAR",
+    "Rejected",
+    "Reader",
+    "LayerNormReader",
+    "ResidualStream",
+    "StreamSearch",
+    "find_residual_streams",
+]
+
 aten = torch.ops.aten
 
 # Ops that read a tensor only for its metadata (shape, dtype): they commute with anything.

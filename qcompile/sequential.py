@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 from .heap import trim_heap
 from .stages import Stage
 
+__all__ = ["LoadFn", "ProcessFn", "peak_rss_bytes", "run_stages"]
+
 LoadFn = Callable[[Stage], "tuple[fx.GraphModule, dict[fx.Node, fx.Node]]"]
 ProcessFn = Callable[[Stage, fx.GraphModule, "dict[fx.Node, fx.Node]", "list[list[Any]]"], None]
 

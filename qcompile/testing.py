@@ -11,6 +11,8 @@ import torch.utils._pytree as pytree
 
 from .graph_utils import op_name
 
+__all__ = ["count_ops", "assert_op_counts", "output_tensors", "relative_error", "assert_close_to_float"]
+
 
 def _graph_module(obj: Any) -> fx.GraphModule:
     gm = getattr(obj, "graph_module", obj)

@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+__all__ = ["Timing", "time_interleaved"]
+
 
 @dataclass
 class Timing:
