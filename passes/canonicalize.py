@@ -32,9 +32,8 @@ def _weight_node(gm: fx.GraphModule, rhs: fx.Node, node: fx.Node) -> fx.Node | N
     source = _source_of(rhs)
     if transposed:  # rhs = Wᵀ with W [N, K] stored: use W as it is
         return _root_constant(rhs)
-    weight = add_constant(gm, tensor.t().contiguous(), f"{source or node.name}_t", before=node)
-    weight.meta["qcompile.source"] = source
-    return weight
+    return add_constant(gm, tensor.t().contiguous(), f"{source or node.name}_t", before=node,
+                        origin=_root_constant(rhs))
 
 
 def _root_constant(node: fx.Node) -> fx.Node:

@@ -90,9 +90,8 @@ def _replace_arg(gm: fx.GraphModule, node: fx.Node, index: int, exact: torch.Ten
     old = node.args[index]
     source = old.meta.get("qcompile.source") if isinstance(old, fx.Node) else None
     dtype = old.meta["val"].dtype  # a constant, or a constant expression (Gemma's 1 + w)
-    new = add_constant(gm, exact.to(dtype), source or hint, before=node, exact=exact)
-    if source:
-        new.meta["qcompile.source"] = source
+    new = add_constant(gm, exact.to(dtype), source or hint, before=node, exact=exact,
+                       origin=old if isinstance(old, fx.Node) else None)
     args = list(node.args)
     args[index] = new
     node.args = tuple(args)

@@ -87,9 +87,8 @@ def _rotate_weight(gm: fx.GraphModule, node: fx.Node, plan: RotationPlan, signs:
     weight = linear_weight(gm, node)
     exact = apply_hadamard(weight.to(torch.float64), plan, signs)  # W Q, row by row
     source = old.meta.get("qcompile.source")
-    new = add_constant(gm, exact.to(weight.dtype), source or f"{node.name}_weight", before=node, exact=exact)
-    if source:
-        new.meta["qcompile.source"] = source
+    new = add_constant(gm, exact.to(weight.dtype), source or f"{node.name}_weight", before=node, exact=exact,
+                       origin=old)
     node.args = (node.args[0], new, *node.args[2:])
 
 

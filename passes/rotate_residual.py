@@ -61,10 +61,8 @@ class _Rotation:
 def _replace_arg(gm: fx.GraphModule, node: fx.Node, index: int, exact: torch.Tensor, like: torch.Tensor,
                  hint: str) -> None:
     old = node.args[index]
-    new = add_constant(gm, exact.to(like.dtype), hint, before=node, exact=exact)
-    source = old.meta.get("qcompile.source") if isinstance(old, fx.Node) else None
-    if source:
-        new.meta["qcompile.source"] = source
+    new = add_constant(gm, exact.to(like.dtype), hint, before=node, exact=exact,
+                       origin=old if isinstance(old, fx.Node) else None)
     args = list(node.args)
     args[index] = new
     node.args = tuple(args)

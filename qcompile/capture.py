@@ -24,7 +24,7 @@ import contextlib
 import inspect
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -35,7 +35,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .errors import CaptureError, InputMismatchError
-from .graph_utils import _attr_name
+from .graph_utils import ALIASES_META, _attr_name
 from .higher_order import inline_wrappers
 
 __all__ = [
@@ -65,6 +65,9 @@ class CapturedGraph:
     input_paths: list[str] = field(default_factory=list)
     # (flat input index, dimension, smallest size, largest size or None) the graph is valid for.
     dim_ranges: list[tuple[int, int, int, int | None]] = field(default_factory=list)
+    # torch.export's other guards on the input shapes (``seq % chunk == 0`` where the traced
+    # branch needs it), a function of the flat inputs that raises AssertionError; None if none.
+    guards: Callable[..., None] | None = None
 
     def flatten_inputs(self, args: tuple, kwargs: dict) -> list[Any]:
         """Flatten call arguments and check them against the captured structure."""
@@ -117,6 +120,18 @@ class CapturedGraph:
                     f"input {self.input_paths[i]} dimension {d} is {size}; the captured graph is valid for sizes "
                     f"{bound} (a constraint torch.export found in the model's code)"
                 )
+        if self.guards is not None:
+            try:
+                self.guards(*flat)
+            except AssertionError as exc:
+                shapes = ", ".join(f"{p} {tuple(v.shape)}" for p, v in zip(self.input_paths, flat)
+                                   if isinstance(v, torch.Tensor))
+                raise InputMismatchError(
+                    f"the inputs ({shapes}) break a condition torch.export found in the model's code while "
+                    f"capturing ({exc}): the model takes another code path for these shapes. Capture with an "
+                    "example of these shapes, or quantize through torch.compile(model, backend=\"qcompile\"), "
+                    "which captures each code path it meets"
+                ) from exc
 
     def unflatten_outputs(self, flat_out: Any) -> Any:
         return pytree.tree_unflatten(list(flat_out), self.out_spec)
@@ -266,11 +281,27 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, 
             'path instead, which quantizes each graph Dynamo captures between graph breaks:\n'
             '    torch.compile(model, backend="qcompile", options={"recipe": ...})'
         ) from exc
-    return freeze_exported_program(ep)
+    captured = freeze_exported_program(ep, _state_aliases(model))
+    captured.guards = getattr(ep.module(check_guards=True), "_guards_fn", None)
+    return captured
 
 
-def freeze_exported_program(ep: ExportedProgram) -> CapturedGraph:
-    """Turn an ExportedProgram into the canonical graph with its weights as constants."""
+def _state_aliases(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """Every name of each parameter/buffer: a tied weight (an LM head sharing the embedding)
+    has several, and torch.export keeps only the first."""
+    by_tensor: dict[int, list[str]] = {}
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        by_tensor.setdefault(id(tensor), []).append(name)
+    return {name: tuple(names) for names in by_tensor.values() for name in names}
+
+
+def freeze_exported_program(ep: ExportedProgram, aliases: dict[str, tuple[str, ...]] | None = None) -> CapturedGraph:
+    """Turn an ExportedProgram into the canonical graph with its weights as constants.
+
+    ``aliases``: every name of each parameter (:func:`_state_aliases`), kept in
+    ``meta[ALIASES_META]`` so a layer is named after the module that calls it.
+    """
     gm = ep.graph_module
     sig = ep.graph_signature
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -305,6 +336,8 @@ def freeze_exported_program(ep: ExportedProgram) -> CapturedGraph:
         new = new_graph.get_attr(name)
         new.meta = dict(node.meta)
         new.meta["qcompile.source"] = spec.target
+        if aliases and len(aliases.get(spec.target, ())) > 1:
+            new.meta[ALIASES_META] = aliases[spec.target]
         env[node] = new
 
     for node in gm.graph.nodes:

@@ -20,6 +20,8 @@ __all__ = [
     "ROTATION_META",
     "RESIDUAL_META",
     "EXACT_META",
+    "ALIASES_META",
+    "SOURCE_META",
     "get_constant",
     "resolve_matrix",
     "add_constant",
@@ -54,6 +56,8 @@ RESIDUAL_META = "qcompile.residual_rotation"
 # node.meta key, on a get_attr node, of the float64 value a constant stands for when it was
 # rounded to the model's precision by a function-preserving rewrite (a rotated weight W Q):
 # the pass manager's float64 check uses it, then drops it (see qcompile.verify)
+SOURCE_META = "qcompile.source"  # the model's name of a constant (its parameter or buffer)
+ALIASES_META = "qcompile.aliases"  # every name of a tied weight (capture), when it has several
 EXACT_META = "qcompile.exact"
 
 # Ops that only reinterpret a 2-D constant as its transpose.
@@ -100,19 +104,28 @@ def _attr_name(gm: fx.GraphModule, hint: str) -> str:
     return name
 
 
+_PROVENANCE = (SOURCE_META, ALIASES_META)
+
+
 def add_constant(
-    gm: fx.GraphModule, tensor: torch.Tensor, hint: str, *, before: fx.Node, exact: torch.Tensor | None = None
+    gm: fx.GraphModule, tensor: torch.Tensor, hint: str, *, before: fx.Node, exact: torch.Tensor | None = None,
+    origin: fx.Node | None = None,
 ) -> fx.Node:
     """Register ``tensor`` on ``gm`` as a buffer and insert a ``get_attr`` node for it.
 
     ``exact``: the float64 value ``tensor`` rounds (same shape), when a function-preserving
     pass computed the constant in float64 and stored it at the model's precision; kept in
     ``meta[EXACT_META]`` for the pass manager's float64 check only.
+    ``origin``: the constant this one replaces (a rotated, smoothed or transposed weight):
+    its names in the model (``meta[SOURCE_META]``, ``meta[ALIASES_META]``) carry over, so
+    layer names and the report stay those of the model.
     """
     name = _attr_name(gm, hint)
     gm.register_buffer(name, tensor, persistent=True)
     with gm.graph.inserting_before(before):
         node = gm.graph.get_attr(name)
+    if origin is not None:
+        node.meta.update({k: origin.meta[k] for k in _PROVENANCE if origin.meta.get(k)})
     if exact is not None:
         if tuple(exact.shape) != tuple(tensor.shape):
             raise ValueError(f"exact value of {name!r} has shape {tuple(exact.shape)}, the constant {tuple(tensor.shape)}")
@@ -185,11 +198,20 @@ def linear_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
 
 
 def layer_name(node: fx.Node) -> str:
-    """A readable layer name: the weight's source name without ``.weight`` (else the node name)."""
+    """A readable layer name: the weight's source name without ``.weight`` (else the node name).
+
+    A tied weight has several names (``meta[ALIASES_META]``); the one of the module that
+    calls this linear (the innermost entry of ``nn_module_stack``) is chosen, so an LM head
+    that shares the embedding's tensor is named ``lm_head``, not after the embedding.
+    """
     weight = node.args[1] if len(node.args) > 1 else None
     source = weight.meta.get("qcompile.source") if isinstance(weight, fx.Node) else None
     if not source:
         return node.name
+    stack = node.meta.get("nn_module_stack") or {}
+    caller = list(stack.values())[-1][0] if stack else None
+    if caller and f"{caller}.weight" in weight.meta.get(ALIASES_META, ()):
+        return caller
     return source[: -len(".weight")] if source.endswith(".weight") else source
 
 

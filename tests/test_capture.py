@@ -113,3 +113,56 @@ def test_hf_models_capture_as_called_with_dynamic_shapes(name):
         assert out.past_key_values.get_seq_length() == ref.past_key_values.get_seq_length()
     assert not any(n.op == "placeholder" and n.meta.get("qcompile.source") for n in cap.graph_module.graph.nodes)
     assert count_ops(cap.graph_module).get("aten.linear", 0) + count_ops(cap.graph_module).get("aten.addmm", 0) > 0
+
+
+class _PadsToChunks(nn.Module):
+    """Pads the sequence to whole chunks when it is not one already (as Mamba2 does): an
+    example of whole chunks traces the branch without padding, valid only for such lengths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = x.shape[1]
+        pad = (8 - seq % 8) % 8
+        if pad > 0:
+            x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+        y = self.proj(x).reshape(x.shape[0], -1, 8, 32).sum(2)
+        return y
+
+
+def test_export_guards_are_checked_with_a_clear_error():
+    model = _PadsToChunks().eval()
+    cap = capture(model, (torch.randn(2, 16, 32),))
+    gm = cap.graph_module
+    x = torch.randn(3, 24, 32)  # whole chunks: the traced branch holds
+    assert relative_error(model(x), gm(*cap.flatten_inputs((x,), {}))) < 1e-6
+    with pytest.raises(InputMismatchError, match=r"\(3, 11, 32\)\) break a condition torch.export found"):
+        cap.flatten_inputs((torch.randn(3, 11, 32),), {})
+
+
+class _TiedHead(nn.Module):
+    """An LM head sharing the embedding's tensor (``tie_word_embeddings``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(96, 64)
+        self.mix = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 96, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mix(self.embed(ids))))
+
+
+@pytest.mark.parametrize("recipe", ["w8a16", "w4a8"])
+def test_tied_weight_is_named_after_the_module_that_calls_it(recipe):
+    """torch.export keeps one name per tensor (the embedding's, first in the model); the report
+    names the linear after its module, also once rotations have replaced the weight (w4a8)."""
+    import qcompile
+
+    model = _TiedHead().eval()
+    ids = torch.randint(0, 96, (2, 7))
+    qm = qcompile.quantize(model, (ids,), recipe=recipe, calibration=[(ids,)], progress=False)
+    assert sorted(r["layer"] for r in qm.report().layers) == ["head", "mix"]
