@@ -76,9 +76,10 @@ def canonical_zoo():
 
 @pytest.fixture(scope="session")
 def quantized_zoo():
-    """``get(arch, preset) -> QuantizedModel`` of a zoo architecture (``build(0)``), quantized
-    on its first example (``inputs(0)``), once per session for every test that asks: the
-    architecture tests, the ONNX parity tests and the backend tests share them. Presets that
+    """``get(arch, preset) -> QuantizedModel`` of a zoo architecture (``build(0)``; any entry of
+    ``zoo.ALL_ARCHITECTURES``, the core zoo and the wider one), quantized on its first example
+    (``inputs(0)``), once per session (under pytest-xdist: once per worker) for every test that
+    asks: the architecture tests, the ONNX parity tests and the backend tests share them. Presets that
     need calibration get
     :func:`tests.export.helpers.calibration_batches` (GPTQ's Hessians, smoothing, static
     activation scales). Quantized with the pass manager's verification on (measured: no slower
@@ -92,7 +93,7 @@ def quantized_zoo():
 
     def get(arch: str, preset: str):
         if (arch, preset) not in cache:
-            entry = zoo.ARCHITECTURES[arch]
+            entry = zoo.ALL_ARCHITECTURES[arch]
             args, kwargs = entry.inputs(0)
             calibration = calibration_batches(entry) if qcompile.resolve_recipe(preset).needs_calibration else None
             cache[arch, preset] = qcompile.quantize(

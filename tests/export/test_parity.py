@@ -22,8 +22,11 @@ Checked against (tolerances and their reasons in ``tests/export/helpers.py``):
   5e-2 fp8) of the float32 reference and of ``qm(...)`` in relative error norm (these ops'
   CPU paths are their references: the same values).
 
-Coverage: every architecture for (w4a16, "ort"), one of each structural kind for (w8a8,
-"ort") (W8A8_ARCHITECTURES); one architecture for
+Coverage: every core architecture (``zoo.ARCHITECTURES``) for (w4a16, "ort"); every
+architecture of the wider zoo (``zoo.EXTENDED``) for (w8a16, "ort") in
+tests/models/test_zoo_*.py, next to its other tests (``check_parity`` below; the translations
+do not depend on the bit width, which the core zoo covers in every flavor); one of each
+structural kind for (w8a8, "ort") (W8A8_ARCHITECTURES); one architecture for
 each other weight-only (preset, flavor) pair, chosen so that odd sizes are covered (llama's
 K=192 and opt's K=200 fall back to per-channel 4-bit groups: per-axis UINT4 in "qdq");
 every calibrated preset in every flavor on one of bert (encoder: GELU, LayerNorm, pooler)
@@ -249,7 +252,7 @@ def assert_structure(qm, result, flavor: str) -> None:
 
 def check_parity(exported_zoo, arch: str, preset: str, flavor: str) -> None:
     qm, result = exported_zoo(arch, preset, flavor)
-    entry = zoo.ARCHITECTURES[arch]
+    entry = zoo.ALL_ARCHITECTURES[arch]
     args, kwargs = entry.other_inputs(1)
     session = inference_session(result.path)
     # Dynamic axes: named, and another batch (and sequence length) than the export example.

@@ -1,0 +1,34 @@
+"""The wider zoo's decoders (``zoo.names_of("decoder")`` outside the core zoo: causal LMs with a
+KV cache in their output) through ``qcompile.quantize`` (w8a16), ``torch.compile(backend=
+"qcompile")`` and ONNX Runtime ("ort" export); the checks and their tolerances are in
+tests/models/checks.py.
+
+Each quantized model is made once per session (per xdist worker) by the fixture
+``quantized_zoo`` and shared by the three tests of its architecture, which sit in this one
+file so that ``--dist loadfile`` runs them in the same worker. w8a16 only, the recipe that
+costs least: every other recipe and export flavor runs on the core zoo (test_architectures.py,
+tests/export/), and rounding does not depend on the architecture.
+"""
+from __future__ import annotations
+
+import pytest
+
+from tests.models.checks import cases, check_backend_converges, check_onnx_parity, check_quantize
+from tests.models.zoo import ARCHITECTURES, names_of
+
+NAMES = [n for n in names_of("decoder") if n not in ARCHITECTURES]
+
+
+@pytest.mark.parametrize("name", cases(NAMES))
+def test_quantize_w8a16(quantized_zoo, name):
+    check_quantize(quantized_zoo, name, "w8a16")
+
+
+@pytest.mark.parametrize("name", cases(NAMES))
+def test_torch_compile_backend_converges_with_quantize(quantized_zoo, name):
+    check_backend_converges(quantized_zoo, name)
+
+
+@pytest.mark.parametrize("name", cases(NAMES))
+def test_ort_export_w8a16_matches_quantized_model(quantized_zoo, name, tmp_path):
+    check_onnx_parity(quantized_zoo, name, tmp_path)
