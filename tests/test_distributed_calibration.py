@@ -2,6 +2,9 @@
 each rank calibrates on its share of the batches and the statistics are all-reduced."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -71,7 +74,12 @@ def _worker(rank, world, store, result_dir):
         dist.destroy_process_group()
 
 
-def test_two_gloo_processes_match_one(tmp_path):
+def test_two_gloo_processes_match_one(tmp_path, monkeypatch):
+    # The spawned processes unpickle ``_worker`` by its module name (tests.test_distributed_
+    # calibration) with the parent's sys.path, which pytest's importlib mode keeps free of the
+    # repository root: append the root for this test, after the installed packages, so
+    # ``tests`` is found and no top-level folder of ours shadows an installed package.
+    monkeypatch.setattr(sys, "path", [*sys.path, str(Path(__file__).resolve().parent.parent)])
     mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     gm, batches = _setup()
     threads = torch.get_num_threads()

@@ -57,10 +57,12 @@ Tolerances (used by the tests, stated once here):
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 import torch.fx as fx
 
@@ -216,3 +218,41 @@ def sample_errors(
             if err > per_sample[b][0]:
                 per_sample[b] = (err, name)
     return per_sample or []
+
+
+@functools.lru_cache(maxsize=None)
+def ort_u8s8_gemm_is_exact() -> bool:
+    """Whether ONNX Runtime's CPU integer GEMM computes uint8 x int8 exactly on this CPU.
+
+    On x86 CPUs without AVX-512 VNNI or AMX (AVX2 only) its u8s8 kernel sums byte pairs into
+    saturating int16 (``vpmaddubsw``) and returns wrong products: measured here, up to 1e5 off
+    an exact int32 result at K=384, while int8 x int8 and uint8 x uint8 are exact. The "ort"
+    flavor writes W8A8 activations as uint8 codes + 128 against int8 weights (the fast form
+    with VNNI), so its files compute wrong results on such CPUs; the tests that check them
+    are expected to fail there (strictly: they pass, and must, where the GEMM is exact)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (16, 384)).astype(np.uint8)
+    b = rng.integers(-128, 128, (384, 64)).astype(np.int8)
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b", "za"], ["y"])], "u8s8",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, list(a.shape)),
+         helper.make_tensor_value_info("b", TensorProto.INT8, list(b.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, None)],
+        [helper.make_tensor("za", TensorProto.UINT8, [], [128])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9  # what every ONNX Runtime release since 1.15 reads
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"a": a, "b": b})[0]
+    return bool(np.array_equal(got, (a.astype(np.int64) - 128) @ b.astype(np.int64)))
+
+
+def u8s8_gemm_xfail(reason: str = "", *, strict: bool = True) -> pytest.MarkDecorator:
+    """xfail where ONNX Runtime's u8s8 GEMM is inexact on this CPU (see above). ``strict=False``
+    for tests that draw fresh random inputs each run, where a draw may happen not to saturate."""
+    return pytest.mark.xfail(
+        not ort_u8s8_gemm_is_exact(), strict=strict,
+        reason="ONNX Runtime's uint8 x int8 GEMM saturates on this CPU (AVX2 without VNNI): the "
+               f"\"ort\" flavor's W8A8 files compute wrong results here{': ' + reason if reason else ''}",
+    )

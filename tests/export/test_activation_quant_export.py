@@ -50,7 +50,11 @@ import qcompile
 from qcompile.act_quant import quantize_activation_per_token, usable_scale
 from qcompile.errors import ExportError
 from qcompile.export import TRANSLATIONS, inference_session, onnx_feeds, to_onnx
+from tests.export.helpers import u8s8_gemm_xfail
 from tests.export.small_models import ActQuantModel
+
+# The int8-activation files here run ONNX Runtime's uint8 x int8 GEMM (see u8s8_gemm_xfail).
+U8S8_XFAIL = u8s8_gemm_xfail("fresh random inputs each run", strict=False)
 
 K, N = 37, 19
 CAPTURE_SHAPE = (2, 3, K)
@@ -167,6 +171,7 @@ def _check_outputs(module, x, names, got, expected, context: str) -> None:
                 f"{name}: |onnx - torch| = {diff[worst]:.3e} > {allowed[worst]:.3e} at {worst} ({context})")
 
 
+@U8S8_XFAIL
 @pytest.mark.parametrize("flavor", ["ort", "qdq", "qcompile"])
 def test_parity_with_the_torch_ops(exports, seed, flavor):
     module, qm, result = exports[flavor]
@@ -186,6 +191,7 @@ def test_parity_with_the_torch_ops(exports, seed, flavor):
         _check_outputs(module, x, names, got, expected, f"flavor {flavor}, x {list(shape)}, seed {seed}")
 
 
+@U8S8_XFAIL
 def test_int8_ort_and_qcompile_are_bit_identical(exports, seed):
     """The int8 linears' integer accumulation and epilogue order are the torch op's: equal bits."""
     gen = torch.Generator().manual_seed(seed + 2)
@@ -254,6 +260,7 @@ def test_qcompile_flavor_structure(exports):
     assert bits == [4, 8]
 
 
+@U8S8_XFAIL
 def test_static_shapes(tmp_path, seed):
     module = ActQuantModel(K, N, seed, fp8_linear=False, fp8_codes=False)
     qm = _quantize(module)
@@ -268,6 +275,7 @@ def test_static_shapes(tmp_path, seed):
     _check_outputs(module, x, module.output_names(), got, expected, f"static shapes, opset 18, seed {seed}")
 
 
+@U8S8_XFAIL
 def test_float16_activations(tmp_path, seed):
     """x in float16: quantized in float32 after a Cast, outputs cast back (bias and smoothing
     stay float32, of another type than x)."""

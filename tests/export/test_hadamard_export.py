@@ -53,6 +53,7 @@ from qcompile.export.hadamard import factoring, hadamard_domain, hadamard_standa
 from qcompile.hadamard import apply_block_hadamard, random_signs, rotation_plan
 from qcompile.kernels.hadamard import hadamard_args, kronecker_factors
 from tests.export.helpers import (
+    u8s8_gemm_xfail,
     ACT_QUANT_REL_NORM,
     BF16_RTOL,
     EXACT_RTOL,
@@ -370,7 +371,9 @@ def rotated_llama():
     return qm, args, kwargs, float32_reference(qm)(args, kwargs), quantized_outputs(qm, args, kwargs)
 
 
-@pytest.mark.parametrize("flavor", FLAVORS)
+@pytest.mark.parametrize("flavor", [
+    pytest.param(f, marks=[u8s8_gemm_xfail()] if f in ("ort", "qcompile") else []) for f in FLAVORS
+])
 def test_rotated_llama_w8a8(rotated_llama, tmp_path, flavor):
     """The zoo's llama, w8a8 with online rotations (smoothing search folded into the
     rotations' signs), compared as test_parity.py compares activation-quantized presets

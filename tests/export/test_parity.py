@@ -58,6 +58,7 @@ from qcompile.export import EXACT_CONFIG, FLAVORS, TRANSLATIONS, inference_sessi
 from qcompile.graph_utils import SMOOTHING_META
 from qcompile.kernels import ACTIVATION_QUANT_LINEAR_OPS, WEIGHT_ONLY_LINEAR_OPS
 from tests.export.helpers import (
+    u8s8_gemm_xfail,
     ACT_QUANT_REL_NORM,
     BF16_RTOL,
     EXACT_RTOL,
@@ -310,12 +311,21 @@ def test_other_flavors_and_presets_match_quantized_model(exported_zoo, arch, pre
     check_parity(exported_zoo, arch, preset, flavor)
 
 
+@u8s8_gemm_xfail()
 @pytest.mark.parametrize("arch", W8A8_ARCHITECTURES)
 def test_ort_flavor_w8a8_matches_quantized_model(exported_zoo, arch):
     check_parity(exported_zoo, arch, "w8a8", "ort")
 
 
-@pytest.mark.parametrize("arch,preset,flavor", CALIBRATED_CASES)
+# The calibrated cases whose files run ONNX Runtime's uint8 x int8 GEMM (measured: the others
+# compute those products in float32 or not at all), expected to fail where it saturates.
+U8S8_GEMM_CASES = {("bert", "w8a8", "qcompile"), ("llama", "w8a8-static", "ort"), ("llama", "w8a8-static", "qdq"),
+                   ("llama", "w8a8-static", "qcompile")}
+
+
+@pytest.mark.parametrize("arch,preset,flavor", [
+    pytest.param(*case, marks=[u8s8_gemm_xfail()] if case in U8S8_GEMM_CASES else []) for case in CALIBRATED_CASES
+])
 def test_calibrated_presets_match_quantized_model(exported_zoo, quantized_zoo, arch, preset, flavor):
     # The case covers what it claims: the preset's kind of linear, smoothing folded into
     # the weights, and smoothing applied at run time (measured: 1 to 10 places per case).

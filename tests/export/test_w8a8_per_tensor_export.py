@@ -31,6 +31,7 @@ import qcompile
 from qcompile.errors import ExportError
 from qcompile.export import inference_session, onnx_feeds, to_onnx
 from qcompile.export.activation_ort import PER_TENSOR_NOTE
+from tests.export.helpers import u8s8_gemm_xfail
 from tests.export.small_models import ActQuantModel
 
 K, N = 37, 19
@@ -117,6 +118,7 @@ def _exact(module: ActQuantModel, x: torch.Tensor, smooth: bool) -> tuple[np.nda
     return xs, y, step
 
 
+@u8s8_gemm_xfail("ONNX Runtime's own DynamicQuantizeMatMul; fresh random inputs each run", strict=False)
 def test_per_tensor_numerics_bound(exports, seed):
     module, qm, _, per_tensor = exports
     names = module.output_names()

@@ -55,6 +55,28 @@ def cases(names, marks: dict[str, Any] | None = None) -> list:
     return [pytest.param(name, marks=[marks[name]] if name in marks else []) for name in names]
 
 
+def zoo_tests(names: list[str]) -> tuple[Callable[..., None], Callable[..., None], Callable[..., None]]:
+    """The three tests every wider-zoo architecture gets, parametrized over ``names``: a test file
+    binds them to module-level ``test_*`` names, so that its architectures' tests sit in the one
+    file (and so one xdist worker) that quantizes each model once."""
+    each = pytest.mark.parametrize("name", cases(names))
+
+    @each
+    def test_quantize_w8a16(quantized_zoo, name):  # noqa: ANN001, ANN202
+        check_quantize(quantized_zoo, name, "w8a16")
+
+    @each
+    def test_torch_compile_backend_converges_with_quantize(quantized_zoo, name):  # noqa: ANN001, ANN202
+        check_backend_converges(quantized_zoo, name)
+
+    @each
+    def test_ort_export_w8a16_matches_quantized_model(quantized_zoo, name, tmp_path):  # noqa: ANN001, ANN202
+        check_onnx_parity(quantized_zoo, name, tmp_path)
+
+    return test_quantize_w8a16, test_torch_compile_backend_converges_with_quantize, \
+        test_ort_export_w8a16_matches_quantized_model
+
+
 def fake_quantized(model: torch.nn.Module, qm: qcompile.QuantizedModel) -> torch.nn.Module:
     """A float copy of the model whose linear weights are the dequantized quantized weights."""
     ref = copy.deepcopy(model)

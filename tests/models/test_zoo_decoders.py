@@ -11,24 +11,14 @@ tests/export/), and rounding does not depend on the architecture.
 """
 from __future__ import annotations
 
-import pytest
-
-from tests.models.checks import cases, check_backend_converges, check_onnx_parity, check_quantize
+from tests.models.checks import zoo_tests
 from tests.models.zoo import ARCHITECTURES, names_of
 
 NAMES = [n for n in names_of("decoder") if n not in ARCHITECTURES]
 
 
-@pytest.mark.parametrize("name", cases(NAMES))
-def test_quantize_w8a16(quantized_zoo, name):
-    check_quantize(quantized_zoo, name, "w8a16")
-
-
-@pytest.mark.parametrize("name", cases(NAMES))
-def test_torch_compile_backend_converges_with_quantize(quantized_zoo, name):
-    check_backend_converges(quantized_zoo, name)
-
-
-@pytest.mark.parametrize("name", cases(NAMES))
-def test_ort_export_w8a16_matches_quantized_model(quantized_zoo, name, tmp_path):
-    check_onnx_parity(quantized_zoo, name, tmp_path)
+(
+    test_quantize_w8a16,
+    test_torch_compile_backend_converges_with_quantize,
+    test_ort_export_w8a16_matches_quantized_model,
+) = zoo_tests(NAMES)
