@@ -254,5 +254,5 @@ def u8s8_gemm_xfail(reason: str = "", *, strict: bool = True) -> pytest.MarkDeco
     return pytest.mark.xfail(
         not ort_u8s8_gemm_is_exact(), strict=strict,
         reason="ONNX Runtime's uint8 x int8 GEMM saturates on this CPU (AVX2 without VNNI): the "
-               f"\"ort\" flavor's W8A8 files compute wrong results here{': ' + reason if reason else ''}",
+               f"W8A8 files (u8s8 integer GEMM) compute wrong results here{': ' + reason if reason else ''}",
     )
