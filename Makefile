@@ -3,6 +3,7 @@
 # the CPU build of torch 2.13.0 and every other package pinned) and qcompile, then run the
 # main job or the test suite.
 #
+#   make test-all      the whole suite, the tests marked slow included (the wider architecture zoo)
 #   make lock          refresh requirements/lock.txt with today's newest releases
 #   make test-latest   the suite against the newest releases of every dependency (.venv-latest)
 PYTHON ?= python3
@@ -16,8 +17,11 @@ LATEST ?= .venv-latest
 # pytest's console script (not `python -m pytest`): it puts no folder of the repository on
 # sys.path, where kernels/ would shadow an installed `kernels` package (see pyproject.toml).
 PYTEST_ARGS ?= -q -n 2 --dist loadfile
+# `make test` (the README's test command, what CI runs) leaves out the tests marked slow
+# (pyproject.toml); `make test-all` runs them too.
+FAST := -m "not slow"
 
-.PHONY: setup demo test test-latest lock bench clean
+.PHONY: setup demo test test-all test-latest lock bench clean
 
 setup: $(STAMP)
 
@@ -34,6 +38,9 @@ demo: $(STAMP)
 	$(VENV)/bin/qcompile demo
 
 test: $(STAMP)
+	$(VENV)/bin/pytest $(PYTEST_ARGS) $(FAST)
+
+test-all: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # Today's newest releases of every dependency (torch pinned to the CPU build above), in a

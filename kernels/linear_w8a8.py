@@ -35,7 +35,7 @@ Implementations:
   dequantizes activations and weights and multiplies in float32.
 * CPU fast path of ``linear_w8a8`` (:func:`linear_w8a8_cpu`): the activation codes from
   the in-place quantization of ``qcompile::quantize_per_token``'s CPU path, then
-  ``torch._int_mm`` (int8 x int8 -> int32; VNNI on this CPU) against a cached contiguous
+  ``torch._int_mm`` (int8 x int8 -> int32; see Dispatch below) against a cached contiguous
   ``[K, N]`` copy of the weight (the transposed view is ~1.8x slower at M = 32,
   K = N = 4096; the copy costs K * N bytes per weight and lives as long as the weight, in
   a :class:`qcompile.kernels._common.KernelLayoutCache`), then the float32 epilogue. It is
@@ -49,16 +49,17 @@ Implementations:
   column-major view ``qweight.t()`` (a contiguous ``[K, N]`` copy failed with
   CUBLAS_STATUS_NOT_SUPPORTED at M = 17, K = 64, N = 48; torch 2.11, H100); other CUDA calls take the reference
   accumulation. K is limited to :data:`INT_MM_MAX_K` so that int32 cannot overflow.
-  Dispatch: always ``torch._int_mm`` where it applies; no many-rows switch as in the
-  weight-only ops, because it wins at many rows too, and every other exact computation
-  (the float64 reference; a float32 GEMM of the codes, exact only for K <= 1040) is
-  slower. Measured here (1 thread, as the 2 cores were shared with other jobs; minimum of
-  repeated runs; the whole op with quantization and epilogue against fp32 ``F.linear``
-  with bias; two runs): M = 32, K = N = 384: 0.13 ms vs 0.11-0.12 ms (0.86-0.93x: fixed
-  per-call overhead, the int8 matmul alone takes 0.03 ms); M = 4096, K = N = 384:
-  4.7-6.2 ms vs 16.8-17.8 ms (2.9-3.5x; bf16 ``F.linear`` 6.4-7.0 ms); M = 32,
-  K = N = 4096: 5.2-5.4 ms vs 18.0-21.7 ms (3.4-4.1x); M = 4096, K = N = 4096:
-  432-637 ms vs 1483-2288 ms (3.4-3.6x). Tiny layers lose to the per-call overhead, but
+  Dispatch on CPU: the faster of ``torch._int_mm`` and :func:`int8_matmul_float32`
+  (float32 GEMMs over blocks of K small enough that every partial sum is an exact
+  integer, summed in int32: the same integers), timed once per process
+  (:func:`cpu_int8_gemm`). Where the CPU has AVX-512 VNNI or AMX, ``torch._int_mm`` wins:
+  measured on such a machine (1 thread, minimum of repeated runs; the whole op with
+  quantization and epilogue against fp32 ``F.linear`` with bias; two runs): M = 32,
+  K = N = 384: 0.13 ms vs 0.11-0.12 ms (0.86-0.93x: fixed per-call overhead); M = 4096,
+  K = N = 384: 4.7-6.2 ms vs 16.8-17.8 ms (2.9-3.5x); M = 32, K = N = 4096: 5.2-5.4 ms vs
+  18.0-21.7 ms (3.4-4.1x); M = 4096, K = N = 4096: 432-637 ms vs 1483-2288 ms (3.4-3.6x).
+  On AVX2 without VNNI ``torch._int_mm`` takes tens of times as long as a float32 GEMM
+  (FINDINGS.md), and the float32 blocks win. Tiny layers lose to the per-call overhead, but
   falling back to a float linear there would drop the activation quantization, i.e.
   change the op's meaning, so they stay on this path.
 * CPU path of ``linear_fp8``: the reference. ``torch._scaled_mm`` runs on CPU, but it is
@@ -82,6 +83,9 @@ Implementations:
 """
 from __future__ import annotations
 
+import functools
+import os
+import time
 from typing import Optional
 
 import torch
@@ -112,6 +116,9 @@ __all__ = [
     "check_w8a8_inputs",
     "int8_matmul_reference",
     "int8_matmul",
+    "int8_matmul_float32",
+    "cpu_int8_gemm",
+    "FLOAT32_EXACT_K",
     "int_mm_applies",
     "int_mm_supported",
     "w8a8_epilogue",
@@ -238,6 +245,60 @@ def int_mm_applies(a: torch.Tensor, b: torch.Tensor) -> bool:
     return int_mm_supported(a.device.type, a.shape[0], a.shape[1], b.shape[0])
 
 
+# float32 holds every integer up to 2**24 exactly and an int8 product is at most 2**14 in
+# magnitude, so a float32 GEMM over at most 2**10 of them is exact in any summation order
+# (fused multiply-adds included).
+FLOAT32_EXACT_K = 2**10
+
+
+def int8_matmul_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a [M, K] @ b [N, K].T`` exactly, as int32: float32 GEMMs over blocks of at most
+    :data:`FLOAT32_EXACT_K` of K (each exact, see there), summed in int32 (exact for
+    K <= :data:`INT_MM_MAX_K`). The same integers as ``torch._int_mm``; the way to get them
+    fast on CPUs whose int8 GEMM is slow (AVX2 without VNNI: ``torch._int_mm`` runs tens of
+    times slower than a float32 GEMM there)."""
+    m, k = a.shape
+    acc = torch.zeros(m, b.shape[0], dtype=torch.int32, device=a.device)
+    for k0 in range(0, k, FLOAT32_EXACT_K):
+        block = torch.mm(a[:, k0:k0 + FLOAT32_EXACT_K].float(), b[:, k0:k0 + FLOAT32_EXACT_K].float().t())
+        acc.add_(block.to(torch.int32))
+    return acc
+
+
+_INT8_GEMMS = ("int_mm", "float32")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_int8_gemm() -> str:
+    """Which exact int8 GEMM the CPU path uses: ``"int_mm"`` (``torch._int_mm``) or
+    ``"float32"`` (:func:`int8_matmul_float32`), whichever is faster on this CPU, timed
+    once per process on a ``[64, 512] @ [512, 512]`` product (fastest of 3 runs each, after
+    a warm-up). Both give the same integers, so the choice changes speed only. The
+    environment variable ``QCOMPILE_CPU_INT8_GEMM`` (``int_mm`` or ``float32``) fixes it."""
+    forced = os.environ.get("QCOMPILE_CPU_INT8_GEMM")
+    if forced:
+        if forced not in _INT8_GEMMS:
+            raise ValueError(f"QCOMPILE_CPU_INT8_GEMM must be one of {_INT8_GEMMS}, got {forced!r}")
+        return forced
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (64, 512), dtype=torch.int8, generator=gen)
+    b = torch.randint(-127, 128, (512, 512), dtype=torch.int8, generator=gen)
+    b_t = b.t().contiguous()
+
+    def fastest(fn) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    int_mm = fastest(lambda: torch._int_mm(a, b_t))
+    float32 = fastest(lambda: int8_matmul_float32(a, b))
+    return "int_mm" if int_mm <= float32 else "float32"
+
+
 def _transposed_weight(qweight, wscales, zeros, group_size) -> torch.Tensor:
     return qweight.t().contiguous()
 
@@ -248,10 +309,13 @@ _WEIGHT_T_CACHE = KernelLayoutCache(_transposed_weight)
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor, wscales: torch.Tensor) -> torch.Tensor:
-    """``a [M, K] @ b [N, K].T`` exactly: int32 from ``torch._int_mm`` where
-    :func:`int_mm_applies`, else int64 from :func:`int8_matmul_reference`. ``wscales`` is
-    only part of the cache key of ``b``'s transposed copy (the copy is rebuilt if ``b``
-    changes in place)."""
+    """``a [M, K] @ b [N, K].T`` exactly: on CPU int32 from the faster of ``torch._int_mm``
+    and :func:`int8_matmul_float32` (:func:`cpu_int8_gemm`); on CUDA int32 from
+    ``torch._int_mm`` where :func:`int_mm_applies`; else int64 from
+    :func:`int8_matmul_reference`. ``wscales`` is only part of the cache key of ``b``'s
+    transposed copy (the copy is rebuilt if ``b`` changes in place)."""
+    if all_on_cpu(a, b) and a.shape[1] <= INT_MM_MAX_K and cpu_int8_gemm() == "float32":
+        return int8_matmul_float32(a, b)
     if not int_mm_applies(a, b):
         return int8_matmul_reference(a, b)
     # CUDA's cuBLASLt wants the column-major view; CPU is faster with the contiguous copy.

@@ -41,6 +41,7 @@ from qcompile.fake_quant import activation_fake_quant, weight_fake_quant, weight
 from qcompile.graph_utils import (
     EXACT_META,
     SMOOTHING_META,
+    ExactValue,
     add_constant,
     eliminate_dead_constants,
     get_constant,
@@ -70,27 +71,31 @@ aten = torch.ops.aten
 SEARCH_ROWS = 2048
 
 
-def _scaled(tensor: torch.Tensor, factor: torch.Tensor, *, divide: bool) -> torch.Tensor:
-    """``tensor * factor`` or ``tensor / factor`` in float64 (exact for a power-of-two factor;
-    :func:`_replace_arg` stores it in the model's dtype)."""
-    f = factor.to(torch.float64)
-    return tensor.to(torch.float64) / f if divide else tensor.to(torch.float64) * f
+def _scaled(value: ExactValue, factor: torch.Tensor, *, divide: bool) -> ExactValue:
+    """``value * factor`` or ``value / factor`` in float64 (exact for a power-of-two factor;
+    :func:`_replace_arg` stores it in the model's dtype), as a function computing it: the
+    float64 value is computed to store the constant and again by the pass manager's check,
+    never held in between."""
+    f = factor.detach().to(torch.float64, copy=True)
+    return lambda: value() / f if divide else value() * f
 
 
-def _value(gm: fx.GraphModule, arg) -> torch.Tensor:
+def _value(gm: fx.GraphModule, arg) -> ExactValue:
     """A constant argument's float64 value: the exact value an earlier rewrite in this pass
     recorded (a V projection is scaled as a consumer, then as a producer), else the constant."""
-    exact = arg.meta.get(EXACT_META) if isinstance(arg, fx.Node) else None
-    return exact if exact is not None else constant_value(gm, arg).to(torch.float64)
+    if isinstance(arg, fx.Node) and arg.meta.get(EXACT_META) is not None:
+        return arg.meta[EXACT_META]
+    tensor = constant_value(gm, arg)
+    return lambda: tensor.to(torch.float64)
 
 
-def _replace_arg(gm: fx.GraphModule, node: fx.Node, index: int, exact: torch.Tensor, hint: str) -> None:
-    """Replace constant argument ``index`` of ``node`` by ``exact`` (float64) stored in the old
-    constant's dtype, recording the float64 value for the pass manager's check."""
+def _replace_arg(gm: fx.GraphModule, node: fx.Node, index: int, exact: ExactValue, hint: str) -> None:
+    """Replace constant argument ``index`` of ``node`` by ``exact()`` (float64) stored in the old
+    constant's dtype, recording how to compute the float64 value for the pass manager's check."""
     old = node.args[index]
     source = old.meta.get("qcompile.source") if isinstance(old, fx.Node) else None
     dtype = old.meta["val"].dtype  # a constant, or a constant expression (Gemma's 1 + w)
-    new = add_constant(gm, exact.to(dtype), source or hint, before=node, exact=exact,
+    new = add_constant(gm, exact().to(dtype), source or hint, before=node, exact=exact,
                        origin=old if isinstance(old, fx.Node) else None)
     args = list(node.args)
     args[index] = new
@@ -113,7 +118,7 @@ def _fold_into_producer(gm: fx.GraphModule, group: SmoothingGroup, s: torch.Tens
         for i, arg in enumerate(producer.args[:2]):
             value = constant_value(gm, arg)
             if value is not None and value.dim() >= 1 and value.shape[-1] == s.numel():
-                _replace_arg(gm, producer, i, _scaled(value, s, divide=True), f"{name}_scale")
+                _replace_arg(gm, producer, i, _scaled(_value(gm, arg), s, divide=True), f"{name}_scale")
                 break
     else:
         raise ValueError(f"cannot fold into a producer of kind {group.kind!r}")
@@ -121,9 +126,9 @@ def _fold_into_producer(gm: fx.GraphModule, group: SmoothingGroup, s: torch.Tens
 
 def _insert_online(gm: fx.GraphModule, group: SmoothingGroup, s: torch.Tensor) -> fx.Node:
     x = group.activation
-    inverse = _scaled(torch.ones_like(s), s, divide=True)
+    inverse = _scaled(lambda: torch.ones(s.shape, dtype=torch.float64), s, divide=True)
     first = min(group.consumers, key=lambda n: list(gm.graph.nodes).index(n))
-    const = add_constant(gm, inverse.to(x.meta["val"].dtype), f"{layer_name(first)}_smooth_inv", before=first,
+    const = add_constant(gm, inverse().to(x.meta["val"].dtype), f"{layer_name(first)}_smooth_inv", before=first,
                          exact=inverse)
     with gm.graph.inserting_before(first):
         mul = gm.graph.call_function(aten.mul.Tensor, (x, const))

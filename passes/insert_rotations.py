@@ -85,9 +85,11 @@ def _insert_rotation(gm: fx.GraphModule, x: fx.Node, plan: RotationPlan, signs: 
 def _rotate_weight(gm: fx.GraphModule, node: fx.Node, plan: RotationPlan, signs: torch.Tensor) -> None:
     old = node.args[1]
     weight = linear_weight(gm, node)
-    exact = apply_hadamard(weight.to(torch.float64), plan, signs)  # W Q, row by row
+    def exact() -> torch.Tensor:
+        return apply_hadamard(weight.to(torch.float64), plan, signs)  # W Q, row by row
+
     source = old.meta.get("qcompile.source")
-    new = add_constant(gm, exact.to(weight.dtype), source or f"{node.name}_weight", before=node, exact=exact,
+    new = add_constant(gm, exact().to(weight.dtype), source or f"{node.name}_weight", before=node, exact=exact,
                        origin=old)
     node.args = (node.args[0], new, *node.args[2:])
 

@@ -9,8 +9,11 @@ graph, i.e. after smoothing), for the weight-only formats and for the INT8 weigh
 row then also holds the proxy losses ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` — the output error
 energy on the calibration inputs relative to the output's — of GPTQ (``gptq_loss``) and
 of the RTN the same recipe would have done (``rtn_loss``). Hessians are float64
-``[K, K]`` per linear and all are held at once (MiniLM: ~0.15 GB), except with
-``recipe.sequential`` (below), which holds one stage's.
+``[K, K]`` per linear (a 1.1B Llama's: about 10 GB in all), so they are collected stage
+by stage (``qcompile.stages``: a decoder's layers) on the float graph and each stage's
+linears rounded before the next stage's statistics are gathered: one stage's Hessians
+are held at a time, and the statistics are the same as from one pass over the whole
+graph (:func:`_run_by_stage`).
 
 Weight-only recipes attach a :class:`qcompile.quantizers.QuantizedWeight` to each linear
 they quantize (``node.meta['qcompile.qweight']``); so do recipes with 4-bit (or 3-bit)
@@ -295,6 +298,33 @@ def _run_sequential(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, modified)
 
 
+def _run_by_stage(gm: fx.GraphModule, ctx: PassContext, stages: list) -> bool:
+    """Statistics with Hessians, one stage at a time: each stage's module runs on the float
+    outputs of the stages before it (the weights are only annotated here, so the graph still
+    computes in float), its linears' statistics are collected and its linears rounded, and
+    the Hessians are freed before the next stage. The statistics are those of one pass over
+    the whole graph (the same ops on the same inputs); only one stage's are held."""
+    modified = False
+    done: set[fx.Node] = set()
+
+    def load(stage):
+        return stage_module(gm, stage)
+
+    def process(stage, module, node_map, batches):
+        nonlocal modified
+        stats = collect_linear_stats(module, batches, hessian=True, progress=False).layers
+        for node in stage.linears:
+            modified |= _quantize_linear(gm, node, ctx.recipe, stats, ctx.layers)
+            stats.pop(layer_name(node), None)
+            done.add(node)
+
+    run_stages(gm, stages, ctx.calibration, load=load, process=process, progress=ctx.progress)
+    missed = [layer_name(n) for n in quantizable_linears(gm) if n not in done]
+    if missed:
+        raise RuntimeError(f"linears outside every stage were not quantized: {missed}")
+    return modified
+
+
 def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     recipe = ctx.recipe
     linears = quantizable_linears(gm)
@@ -305,6 +335,10 @@ def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 "pass calibration=[batch, ...] to qcompile.quantize"
             )
         return _run_sequential(gm, ctx)
+    if linears and ctx.calibration and (_uses_gptq(recipe) or _hessian_clip(recipe)):
+        stages = find_stages(gm)
+        if len(stages) > 1:
+            return PassResult(gm, _run_by_stage(gm, ctx, stages))
     modified = False
     stats = _input_stats(gm, ctx) if linears else None
     desc = "GPTQ rounding" if _uses_gptq(recipe) else "quantizing weights"

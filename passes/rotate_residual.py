@@ -24,14 +24,17 @@ rotations for every linear.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.fx as fx
 
 from qcompile.graph_utils import (
-    EXACT_META,
     RESIDUAL_META,
+    ExactValue,
     add_constant,
     eliminate_dead_constants,
+    exact_source,
     get_constant,
     infer_meta,
     layer_name,
@@ -58,20 +61,26 @@ class _Rotation:
         return apply_hadamard(x.to(torch.float64), self.plan, self.signs)
 
 
-def _replace_arg(gm: fx.GraphModule, node: fx.Node, index: int, exact: torch.Tensor, like: torch.Tensor,
+def _replace_arg(gm: fx.GraphModule, node: fx.Node, index: int, exact: ExactValue, like: torch.Tensor,
                  hint: str) -> None:
+    """Replace constant argument ``index`` by ``exact()`` stored in ``like``'s dtype; the
+    function, not its float64 value, is kept for the pass manager's check."""
     old = node.args[index]
-    new = add_constant(gm, exact.to(like.dtype), hint, before=node, exact=exact,
+    new = add_constant(gm, exact().to(like.dtype), hint, before=node, exact=exact,
                        origin=old if isinstance(old, fx.Node) else None)
     args = list(node.args)
     args[index] = new
     node.args = tuple(args)
 
 
-def _exact(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
-    """A constant's float64 value: the exact value it stands for, when a rewrite recorded one."""
-    exact = node.meta.get(EXACT_META)
-    return exact if exact is not None else get_constant(gm, node).to(torch.float64)
+def _rows(rot: "_Rotation", center: Callable[[torch.Tensor], torch.Tensor], value: ExactValue) -> ExactValue:
+    """``center(value) Q`` along the last dimension, in float64, as a function computing it."""
+    return lambda: rot.rows(center(value()))
+
+
+def _columns(rot: "_Rotation", center: Callable[[torch.Tensor], torch.Tensor], value: ExactValue) -> ExactValue:
+    """A writer's weight ``W [N, K]`` rotated along N (``(center(Wᵀ) Q)ᵀ``), as a function."""
+    return lambda: rot.rows(center(value().T)).T.contiguous()
 
 
 def _source(node: fx.Node, fallback: str) -> str:
@@ -85,23 +94,23 @@ def _rotate_stream(gm: fx.GraphModule, stream: ResidualStream, rot: _Rotation, c
     center = (lambda x: x - x.mean(-1, keepdim=True)) if stream.centered else (lambda x: x)
     for node in stream.embeddings:
         table = get_constant(gm, node.args[0])
-        _replace_arg(gm, node, 0, rot.rows(center(table.to(torch.float64))), table,
+        _replace_arg(gm, node, 0, _rows(rot, center, exact_source(gm, node.args[0])), table,
                      _source(node.args[0], f"{node.name}_table") + "_rotated")
     for node in stream.constants:
         value = get_constant(gm, node)
-        exact = rot.rows(center(value.to(torch.float64)))
-        new = add_constant(gm, exact.to(value.dtype), f"{node.name}_rotated", before=node, exact=exact)
+        exact = _rows(rot, center, exact_source(gm, node))
+        new = add_constant(gm, exact().to(value.dtype), f"{node.name}_rotated", before=node, exact=exact)
         node.replace_all_uses_with(new)
     for reader in stream.readers:
         _rotate_reader(gm, reader, rot, ctx, label)
     for node in stream.writers:
         weight = linear_weight(gm, node)
-        exact = _exact(gm, node.args[1])  # a linear that also reads the stream was rotated above
-        _replace_arg(gm, node, 1, rot.rows(center(exact.T)).T.contiguous(), weight,
+        # a linear that also reads the stream was rotated above: start from its exact value
+        _replace_arg(gm, node, 1, _columns(rot, center, exact_source(gm, node.args[1])), weight,
                      _source(node.args[1], f"{node.name}_weight"))
         bias = get_constant(gm, node.args[2]) if len(node.args) > 2 else None
         if bias is not None:
-            _replace_arg(gm, node, 2, rot.rows(center(_exact(gm, node.args[2]))), bias,
+            _replace_arg(gm, node, 2, _rows(rot, center, exact_source(gm, node.args[2])), bias,
                          _source(node.args[2], f"{node.name}_bias"))
         _row(ctx, gm, node)["rotation_out"] = "writes the rotated " + label
     for mul in {r.scale_node for r in stream.readers if r.scale_node is not None}:
@@ -116,15 +125,20 @@ def _rotate_reader(gm: fx.GraphModule, reader: Reader, rot: _Rotation, ctx: Pass
     """``W -> W diag(g) Q``; a LayerNorm's bias ``b`` becomes part of the linear's bias (``+ W b``)."""
     node = reader.linear
     weight = linear_weight(gm, node)
-    original = weight.to(torch.float64)
-    exact = original * reader.scale if reader.scale is not None else original
-    _replace_arg(gm, node, 1, rot.rows(exact), weight, _source(node.args[1], f"{node.name}_weight"))
-    if reader.shift is not None:
+    scale, shift = reader.scale, reader.shift
+
+    def scaled() -> torch.Tensor:
+        original = weight.to(torch.float64)
+        return original * scale if scale is not None else original
+
+    _replace_arg(gm, node, 1, lambda: rot.rows(scaled()), weight, _source(node.args[1], f"{node.name}_weight"))
+    if shift is not None:
         old = node.args[2] if len(node.args) > 2 else None
-        bias = original @ reader.shift + (0.0 if old is None else _exact(gm, old))
+        old_bias = exact_source(gm, old) if old is not None else (lambda: 0.0)
         if old is None:
             node.args = (*node.args[:2], None)
-        _replace_arg(gm, node, 2, bias, weight, f"{layer_name(node)}.bias_folded")
+        _replace_arg(gm, node, 2, lambda: weight.to(torch.float64) @ shift + old_bias(), weight,
+                     f"{layer_name(node)}.bias_folded")
     node.meta[RESIDUAL_META] = label
     folded = " and bias" if reader.shift is not None else ""
     _row(ctx, gm, node)["rotation"] = "reads the rotated " + label + (
@@ -172,4 +186,4 @@ def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, bool(search.streams))
 
 
-rotate_residual = GraphPass("rotate_residual", _run, preserves_function=True)
+rotate_residual = GraphPass("rotate_residual", _run, preserves_function=True, keeps_stage_values=False)

@@ -6,7 +6,7 @@ constant comes from, how to add one, how to (re)compute a node's fake-tensor met
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -24,6 +24,9 @@ __all__ = [
     "SOURCE_META",
     "get_constant",
     "resolve_matrix",
+    "ExactValue",
+    "exact_value",
+    "exact_source",
     "add_constant",
     "graph_fake_mode",
     "infer_meta",
@@ -53,11 +56,12 @@ ROTATION_META = "qcompile.rotation"
 # node.meta key of a linear that reads a residual stream rotated offline (passes/rotate_residual):
 # its input is already rotated, so insert_rotations leaves it alone
 RESIDUAL_META = "qcompile.residual_rotation"
-# node.meta key, on a get_attr node, of the float64 value a constant stands for when it was
-# rounded to the model's precision by a function-preserving rewrite (a rotated weight W Q):
-# the pass manager's float64 check uses it, then drops it (see qcompile.verify)
 SOURCE_META = "qcompile.source"  # the model's name of a constant (its parameter or buffer)
 ALIASES_META = "qcompile.aliases"  # every name of a tied weight (capture), when it has several
+# node.meta key, on a get_attr node, of the float64 value a constant stands for when it was
+# rounded to the model's precision by a function-preserving rewrite (a rotated weight W Q):
+# a zero-argument function that computes it (so no float64 copy of the model is held while
+# the passes run); the pass manager's float64 check calls it, then drops it (qcompile.verify)
 EXACT_META = "qcompile.exact"
 
 # Ops that only reinterpret a 2-D constant as its transpose.
@@ -107,15 +111,39 @@ def _attr_name(gm: fx.GraphModule, hint: str) -> str:
 _PROVENANCE = (SOURCE_META, ALIASES_META)
 
 
+ExactValue = Callable[[], torch.Tensor]
+
+
+def exact_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """A constant's float64 value: the exact value a rewrite recorded for it
+    (``meta[EXACT_META]``), else the constant itself in float64."""
+    exact = node.meta.get(EXACT_META)
+    if exact is not None:
+        return exact()
+    return get_constant(gm, node).to(torch.float64)
+
+
+def exact_source(gm: fx.GraphModule, node: fx.Node) -> ExactValue:
+    """A function computing :func:`exact_value` later, holding no float64 tensor meanwhile (it
+    keeps the constant itself alive, which the model holds anyway)."""
+    exact = node.meta.get(EXACT_META)
+    if exact is not None:
+        return exact
+    tensor = get_constant(gm, node)
+    return lambda: tensor.to(torch.float64)
+
+
 def add_constant(
-    gm: fx.GraphModule, tensor: torch.Tensor, hint: str, *, before: fx.Node, exact: torch.Tensor | None = None,
-    origin: fx.Node | None = None,
+    gm: fx.GraphModule, tensor: torch.Tensor, hint: str, *, before: fx.Node,
+    exact: ExactValue | None = None, origin: fx.Node | None = None,
 ) -> fx.Node:
     """Register ``tensor`` on ``gm`` as a buffer and insert a ``get_attr`` node for it.
 
-    ``exact``: the float64 value ``tensor`` rounds (same shape), when a function-preserving
-    pass computed the constant in float64 and stored it at the model's precision; kept in
-    ``meta[EXACT_META]`` for the pass manager's float64 check only.
+    ``exact``: a function computing the float64 value ``tensor`` rounds (same shape), when a
+    function-preserving pass computed the constant in float64 and stored it at the model's
+    precision; kept in ``meta[EXACT_META]`` for the pass manager's float64 check only. A
+    function, not the tensor: a float64 copy of every rewritten weight would be twice a
+    float32 model (four times a bfloat16 one) held until the check.
     ``origin``: the constant this one replaces (a rotated, smoothed or transposed weight):
     its names in the model (``meta[SOURCE_META]``, ``meta[ALIASES_META]``) carry over, so
     layer names and the report stay those of the model.
@@ -127,9 +155,10 @@ def add_constant(
     if origin is not None:
         node.meta.update({k: origin.meta[k] for k in _PROVENANCE if origin.meta.get(k)})
     if exact is not None:
-        if tuple(exact.shape) != tuple(tensor.shape):
-            raise ValueError(f"exact value of {name!r} has shape {tuple(exact.shape)}, the constant {tuple(tensor.shape)}")
-        node.meta[EXACT_META] = exact.detach().to(torch.float64)
+        if not callable(exact):
+            raise TypeError(f"exact value of {name!r} must be a function returning the float64 tensor, "
+                            f"got {type(exact).__name__}")
+        node.meta[EXACT_META] = exact
     fake_mode = graph_fake_mode(gm)
     if fake_mode is not None:
         node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)

@@ -4,6 +4,9 @@ For every linear carrying quantized weights, the relative error ``‖x̂ Ŵᵀ �
 of its output on the inputs it sees when the float graph runs (the example inputs and
 calibration batches): ``Ŵ`` the dequantized weight, ``x̂`` the input as the op's
 activation quantization sees it (``x`` itself for weight-only formats). Read-only.
+
+Each dequantized weight exists only while its linear runs (made again for every batch):
+holding all of them would be a float32 copy of the model's linears.
 """
 from __future__ import annotations
 
@@ -19,15 +22,9 @@ from .quantizers import dequantize_weight
 __all__ = ["layer_output_errors"]
 
 
-
-
 def layer_output_errors(gm: fx.GraphModule, batches: list[list[Any]]) -> dict[str, float]:
     nodes = [n for n in gm.graph.nodes
              if (QWEIGHT_META in n.meta or ACTQ_META in n.meta) and linear_weight(gm, n) is not None]
-    dequantized = {
-        n: n.meta[ACTQ_META].dequantize() if ACTQ_META in n.meta else dequantize_weight(n.meta[QWEIGHT_META])
-        for n in nodes
-    }
     err_sq = {n: 0.0 for n in nodes}
     ref_sq = {n: 0.0 for n in nodes}
 
@@ -36,9 +33,10 @@ def layer_output_errors(gm: fx.GraphModule, batches: list[list[Any]]) -> dict[st
         xf = x.float()
         ref = torch.nn.functional.linear(xf, w.float())
         if ACTQ_META in node.meta:
-            delta = torch.nn.functional.linear(node.meta[ACTQ_META].fake_quantize_input(xf), dequantized[node]) - ref
+            act = node.meta[ACTQ_META]
+            delta = torch.nn.functional.linear(act.fake_quantize_input(xf), act.dequantize()) - ref
         else:
-            delta = torch.nn.functional.linear(xf, dequantized[node] - w.float())
+            delta = torch.nn.functional.linear(xf, dequantize_weight(node.meta[QWEIGHT_META]) - w.float())
         err_sq[node] += float(delta.double().pow(2).sum())
         ref_sq[node] += float(ref.double().pow(2).sum())
 

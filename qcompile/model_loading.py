@@ -45,18 +45,24 @@ def _load_factory(spec: str) -> LoadedModel:
     # (unlike ``python -m``); look there too, as ``python -m`` and uvicorn/gunicorn do, but
     # last: a folder there named like an installed package (qcompile's own repository has
     # kernels/, which transformers would import instead of the `kernels` distribution) must
-    # not shadow it.
+    # not shadow it. Only while the factory is imported and called: the caller's sys.path is
+    # left as it was.
     cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
         sys.path.append(cwd)
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelLoadError(f"cannot import module {module_name!r} named in {spec!r}: {exc}") from exc
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ModelLoadError(f"{module_name} has no callable {attr!r}")
-    made = factory()
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ModelLoadError(f"cannot import module {module_name!r} named in {spec!r}: {exc}") from exc
+        factory = getattr(module, attr, None)
+        if not callable(factory):
+            raise ModelLoadError(f"{module_name} has no callable {attr!r}")
+        made = factory()
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
     if isinstance(made, torch.nn.Module):
         raise ModelLoadError(
             f"{spec} returned a model without example inputs; return (model, example) where example is a tuple "

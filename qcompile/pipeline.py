@@ -4,15 +4,20 @@ A pass is a function ``(gm, ctx) -> PassResult(gm, modified)`` wrapped in a
 :class:`GraphPass` that says whether it preserves the model's function. After every pass
 the manager runs the verifier (``qcompile.verify``): ``graph.lint()``, shape/dtype
 metadata on every node, and for function-preserving passes a float64 equivalence check
-against the graph as it was before the pass. A failure names the pass.
+against the graph as it was before the pass. A failure names the pass and the first
+stage (a decoder's layer) whose output differs.
 
-Per-pass wall time and node counts go into ``ctx.pass_log`` (and from there into the
-report). With ``dump_dir`` set (or the environment variable ``QCOMPILE_DUMP_DIR``) the
+The check keeps no copy of the graph: the float64 outputs of the graph before a
+function-preserving pass are computed before it runs (or are the previous check's), and
+the float64 runs promote one constant at a time, so verifying a model costs about its
+float64 activations, not copies of its weights.
+
+Per-pass wall time, node counts, and the check's time and peak resident memory go into
+``ctx.pass_log`` (and from there into the report). With ``dump_dir`` set (or the environment variable ``QCOMPILE_DUMP_DIR``) the
 readable graph is written after every pass as ``NN_<pass>.txt``.
 """
 from __future__ import annotations
 
-import copy
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,7 +29,16 @@ import torch.fx as fx
 
 from .errors import VerificationError
 from .recipe import Recipe
-from .verify import check_equivalence, check_structure, drop_exact_values, has_exact_values
+from .resident import PeakWatch
+from .verify import (
+    StageBoundary,
+    check_equivalence,
+    check_structure,
+    drop_exact_values,
+    float64_run,
+    has_exact_values,
+    stage_boundaries,
+)
 
 __all__ = ["PassResult", "GraphPass", "PassRecord", "PassContext", "run_passes"]
 
@@ -37,11 +51,17 @@ class PassResult:
 
 @dataclass(frozen=True)
 class GraphPass:
-    """A named graph transform and whether it leaves the model's function unchanged."""
+    """A named graph transform and whether it leaves the model's function unchanged.
+
+    ``keeps_stage_values``: whether a function-preserving pass also leaves the values
+    between stages unchanged (False for one that rotates the residual stream), so that a
+    failed check can name the first stage whose output differs.
+    """
 
     name: str
     run: Callable[[fx.GraphModule, "PassContext"], PassResult]
     preserves_function: bool
+    keeps_stage_values: bool = True
 
 
 @dataclass
@@ -51,7 +71,9 @@ class PassRecord:
     nodes_before: int
     nodes_after: int
     modified: bool
-    verified: str  # "structure" or "structure+float64"
+    verified: str  # "none", "structure" or "structure+float64"
+    verify_seconds: float = 0.0  # the checks after the pass (and the float64 run before it)
+    verify_peak_bytes: int | None = None  # resident memory at its highest during them
 
 
 @dataclass
@@ -104,32 +126,44 @@ def run_passes(gm: fx.GraphModule, passes: list[GraphPass], ctx: PassContext) ->
     if dump_dir is not None:
         dump_dir.mkdir(parents=True, exist_ok=True)
         _dump(dump_dir / "00_captured.txt", gm)
-    reference = None  # float64 outputs of the current graph on ctx.check_inputs(), when known
+    reference = None  # float64 runs of the current graph on ctx.check_inputs(), when known
+    boundaries: list[StageBoundary] | None = None  # found once, on the first graph checked
     for index, graph_pass in enumerate(passes, start=1):
         check_function = ctx.verify and graph_pass.preserves_function
-        before = copy.deepcopy(gm) if (check_function and reference is None) else None
-        nodes_before = _count_nodes(gm)
-        start = time.perf_counter()
-        result = graph_pass.run(gm, ctx)
-        seconds = time.perf_counter() - start
-        gm = result.graph_module
-        verified = "none"
-        if ctx.verify:
-            try:
-                check_structure(gm)
-                verified = "structure"
-                if check_function:
-                    outputs = check_equivalence(before, gm, ctx.check_inputs(), reference=reference)
-                    verified = "structure+float64"
-            except VerificationError as exc:
-                raise VerificationError(f"pass {graph_pass.name!r} failed verification: {exc}") from exc
-        # The next function-preserving pass starts from this graph: its float64 outputs are
+        verify_seconds = 0.0
+        with PeakWatch() as watch:
+            if check_function and reference is None:
+                start = time.perf_counter()
+                if boundaries is None:
+                    boundaries = stage_boundaries(gm)
+                reference = [float64_run(gm, inputs, [b.node for b in boundaries]) for inputs in ctx.check_inputs()]
+                verify_seconds += time.perf_counter() - start
+            nodes_before = _count_nodes(gm)
+            start = time.perf_counter()
+            result = graph_pass.run(gm, ctx)
+            seconds = time.perf_counter() - start
+            gm = result.graph_module
+            verified = "none"
+            start = time.perf_counter()
+            if ctx.verify:
+                try:
+                    check_structure(gm)
+                    verified = "structure"
+                    if check_function:
+                        runs = check_equivalence(None, gm, ctx.check_inputs(), reference=reference,
+                                                 boundaries=boundaries, locate=graph_pass.keeps_stage_values)
+                        verified = "structure+float64"
+                except VerificationError as exc:
+                    unlocated = "" if graph_pass.keeps_stage_values or not check_function else (
+                        " (the pass changes the values between stages by design, so no stage is named)")
+                    raise VerificationError(f"pass {graph_pass.name!r} failed verification: {exc}{unlocated}") from exc
+            verify_seconds += time.perf_counter() - start
+        # The next function-preserving pass starts from this graph: its float64 runs are
         # known, unless constants stood for exact values that are now forgotten.
-        reference = outputs if check_function and not has_exact_values(gm) else None
+        reference = runs if check_function and not has_exact_values(gm) else None
         drop_exact_values(gm)
-        ctx.pass_log.append(
-            PassRecord(graph_pass.name, seconds, nodes_before, _count_nodes(gm), result.modified, verified)
-        )
+        ctx.pass_log.append(PassRecord(graph_pass.name, seconds, nodes_before, _count_nodes(gm), result.modified,
+                                       verified, verify_seconds, watch.peak if ctx.verify else None))
         if dump_dir is not None:
             _dump(dump_dir / f"{index:02d}_{graph_pass.name}.txt", gm)
     return gm

@@ -496,9 +496,30 @@ def _group_error(diff: torch.Tensor, weight: torch.Tensor | None) -> torch.Tenso
     return (diff.pow(2) * weight).sum(dim=-1)
 
 
+# Elements of a weight the range search holds at once: it keeps about five temporaries the
+# size of what it searches (candidate codes, the best codes, errors), so a 32000 x 2048 LM
+# head searched whole would take 1.3 GB; rows are searched in blocks of this many elements.
+RANGE_SEARCH_BLOCK = 1 << 22
+
+
 def _quantize_groups(groups: torch.Tensor, bits: int, grid_bits: int, symmetric: bool, ratios: tuple[float, ...],
                      weight: torch.Tensor | None = None):
-    """Quantize groups [N, G, g] with each range ratio; keep, per group, the least (weighted) squared error."""
+    """Quantize groups [N, G, g] with each range ratio; keep, per group, the least (weighted) squared error.
+
+    Rows are independent: a large weight is searched in blocks of rows
+    (:data:`RANGE_SEARCH_BLOCK` elements), so the search's temporaries stay small."""
+    per_row = max(1, groups[0].numel()) if groups.shape[0] else 1
+    rows = max(1, RANGE_SEARCH_BLOCK // per_row)
+    if len(ratios) > 1 and groups.shape[0] > rows:
+        parts = [_search_ranges(groups[i:i + rows], bits, grid_bits, symmetric, ratios, weight)
+                 for i in range(0, groups.shape[0], rows)]
+        codes, scales, zeros = (torch.cat(column) if column[0] is not None else None for column in zip(*parts))
+        return codes, scales, zeros
+    return _search_ranges(groups, bits, grid_bits, symmetric, ratios, weight)
+
+
+def _search_ranges(groups: torch.Tensor, bits: int, grid_bits: int, symmetric: bool, ratios: tuple[float, ...],
+                   weight: torch.Tensor | None):
     quantize = _quantize_symmetric if symmetric else _quantize_asymmetric
     best = None
     best_err = None

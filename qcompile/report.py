@@ -94,11 +94,17 @@ class Report:
             )
         out += [f"note: {n}" for n in self.notes]
         if self.passes:
-            out.append("passes: " + ", ".join(
-                f"{p.name} {p.seconds * 1000:.0f} ms ({p.nodes_before}->{p.nodes_after} ops, verified {p.verified})"
-                for p in self.passes
-            ))
+            out.append("passes: " + ", ".join(_pass_text(p) for p in self.passes))
         return "\n".join(out)
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _pass_text(p: Any) -> str:
+    """One pass of the log: its time, op counts, and what its check cost."""
+    check = ""
+    if p.verified != "none":
+        peak = f", peak {format_bytes(p.verify_peak_bytes)} resident" if p.verify_peak_bytes else ""
+        check = f", check {p.verify_seconds * 1000:.0f} ms{peak}"
+    return f"{p.name} {p.seconds * 1000:.0f} ms ({p.nodes_before}->{p.nodes_after} ops, verified {p.verified}{check})"

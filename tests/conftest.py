@@ -34,12 +34,48 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+# Test files that take minutes, started first: the suite runs under pytest-xdist with
+# --dist loadfile (a file stays on one worker), and a long file begun last would run on
+# alone at the end while the other worker idles.
+LONG_FILES_FIRST = (
+    "tests/test_minilm.py",
+    "tests/export/test_parity.py",
+    "tests/models/test_zoo_multimodal.py",
+    "tests/models/test_zoo_decoders.py",
+    "tests/models/test_zoo_encoders.py",
+    "tests/models/test_architectures.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Long files first (:data:`LONG_FILES_FIRST`), the rest in collection order. Every xdist
+    worker sorts the same way, so the collections agree."""
+    rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
+
+    def key(item):
+        path = Path(str(item.fspath)).resolve()
+        relative = path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else path.as_posix()
+        return rank.get(relative, len(rank))
+
+    items[:] = sorted(items, key=key)  # stable: the order within and among the other files stays
+
+
 @pytest.fixture(scope="session")
 def minilm():
     from qcompile.data import load_minilm
 
     model, tokenizer = load_minilm()
     return model, tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _sys_path_restored():
+    """A test that extends sys.path (the CLI's factory loader appends the working directory,
+    the spawned-worker tests append the root) gives it back afterwards, so no later test in
+    the same worker process finds the repository root there."""
+    saved = list(sys.path)
+    yield
+    sys.path[:] = saved
 
 
 @pytest.fixture(autouse=True)

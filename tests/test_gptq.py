@@ -410,3 +410,34 @@ def test_inverse_factor_matches_the_whole_matrix_computation(k):
     # (float64 products of a factor with entries ~1/sqrt(λ): ~1e-13 off the identity measured;
     # a wrong reversal or a lower factor misses it by O(1))
     assert torch.allclose(u @ damped @ u.mT, torch.eye(k, dtype=torch.float64), atol=1e-10)
+
+
+@pytest.mark.parametrize("recipe", ["w4a16-gptq", {"preset": "w4a8", "method": "gptq"}], ids=["w4a16-gptq", "w4a8-gptq"])
+def test_hessians_by_stage_give_the_same_weights_as_one_pass(monkeypatch, recipe):
+    """GPTQ's Hessians are gathered stage by stage (one stage's held at a time) on the float
+    graph; the statistics, so the rounded weights, are exactly those of one pass over the
+    whole graph."""
+    import qcompile.passes.quantize_weights as quantize_weights
+
+    model, (_, kwargs), (_, kwargs2) = zoo.build("llama")
+    calib = [kwargs2, zoo.ARCHITECTURES["llama"].inputs(seed=7)[1]]
+    stages = []
+    real = quantize_weights._run_by_stage
+
+    def spy(gm, ctx, found):
+        stages.append(len(found))
+        return real(gm, ctx, found)
+
+    def run():
+        qm = qcompile.quantize(model, (), kwargs, recipe=recipe, calibration=calib, progress=False, verify=False)
+        return dict(qm.graph_module.named_buffers()), [r.get("gptq_loss") for r in qm.report().layers]
+
+    monkeypatch.setattr(quantize_weights, "_run_by_stage", spy)
+    staged, staged_loss = run()
+    assert stages and stages[0] > 1  # a 2-layer decoder is cut into stages
+    monkeypatch.setattr(quantize_weights, "find_stages", lambda gm: [None])  # one stage: the whole-graph pass
+    whole, whole_loss = run()
+    assert len(stages) == 1  # the second run did not go by stage
+    assert staged.keys() == whole.keys()
+    assert all(torch.equal(staged[k], whole[k]) for k in staged)
+    assert staged_loss == whole_loss and sum(x is not None for x in staged_loss) >= 14

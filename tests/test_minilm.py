@@ -34,7 +34,9 @@ def _embed(model, encs):
         return torch.cat([mean_pooled_embeddings(model(**e).last_hidden_state, e["attention_mask"]) for e in encs])
 
 
-@pytest.mark.parametrize("recipe", ["w8a16", "w4a16"])
+# w8a16 is far above its threshold and runs in `make test-all`; w4a16 (closest to its
+# threshold) and w8a8 below run in `make test` too.
+@pytest.mark.parametrize("recipe", [pytest.param("w8a16", marks=pytest.mark.slow), "w4a16"])
 def test_minilm_fidelity_on_held_out_text(minilm, texts, recipe):
     model, _ = minilm
     calib, heldout, reference = texts

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -81,3 +82,15 @@ def test_command_line_loads_a_factory_from_the_repository_root(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     assert (out / "weights.safetensors").is_file()
     assert "lm_head" in (out / "report.txt").read_text()
+
+
+def test_loading_a_factory_leaves_sys_path_as_it_was(monkeypatch):
+    """The CLI's ``package.module:factory`` loader looks in the working directory (the
+    repository root here) only while it imports and calls the factory."""
+    from qcompile.model_loading import load_model
+
+    monkeypatch.chdir(REPO)
+    before = list(sys.path)
+    loaded = load_model("tests.models.factories:tiny_mlp")
+    assert isinstance(loaded.model, torch.nn.Module)
+    assert sys.path == before

@@ -243,3 +243,22 @@ def test_quantized_weight_validates_its_layout():
     q8 = quantize_weight_rtn(torch.randn(8, 32), 8, None, True)
     with pytest.raises(ValueError, match="symmetric exactly when zeros is None"):
         QuantizedWeight(q8.qweight, q8.scales, None, 8, 32, 32, 8, symmetric=False)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_range_search_in_row_blocks_is_bit_identical(monkeypatch, symmetric, weighted):
+    """The range search runs a large weight in blocks of rows to bound its temporaries; rows
+    are independent, so the codes, scales and zeros are exactly those of one whole search
+    (odd sizes: blocks of 3 rows over 37, the last block short)."""
+    import qcompile.quantizers as quantizers
+    from qcompile.recipe import CLIP_SEARCH
+
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    w = torch.randn(37, 96, generator=gen) * torch.rand(37, 1, generator=gen)
+    importance = torch.rand(96, generator=gen) + 0.1 if weighted else None
+    whole = quantize_weight_rtn(w, 4, 32, symmetric, CLIP_SEARCH, importance)
+    monkeypatch.setattr(quantizers, "RANGE_SEARCH_BLOCK", 3 * 96)
+    blocked = quantize_weight_rtn(w, 4, 32, symmetric, CLIP_SEARCH, importance)
+    assert torch.equal(whole.qweight, blocked.qweight) and torch.equal(whole.scales, blocked.scales)
+    assert (whole.zeros is None and blocked.zeros is None) or torch.equal(whole.zeros, blocked.zeros)

@@ -249,10 +249,12 @@ def ort_u8s8_gemm_is_exact() -> bool:
 
 
 def u8s8_gemm_xfail(reason: str = "", *, strict: bool = True) -> pytest.MarkDecorator:
-    """xfail where ONNX Runtime's u8s8 GEMM is inexact on this CPU (see above). ``strict=False``
-    for tests that draw fresh random inputs each run, where a draw may happen not to saturate."""
+    """xfail where ONNX Runtime's u8s8 GEMM is inexact on this CPU (see above), without running
+    the test there (the probe has shown the files' results to be wrong; running would only
+    spend minutes confirming it). ``strict=False`` for tests that draw fresh random inputs
+    each run, where a draw may happen not to saturate."""
     return pytest.mark.xfail(
-        not ort_u8s8_gemm_is_exact(), strict=strict,
+        not ort_u8s8_gemm_is_exact(), strict=strict, run=False,
         reason="ONNX Runtime's uint8 x int8 GEMM saturates on this CPU (AVX2 without VNNI): the "
                f"W8A8 files (u8s8 integer GEMM) compute wrong results here{': ' + reason if reason else ''}",
     )

@@ -22,7 +22,8 @@ Checked against (tolerances and their reasons in ``tests/export/helpers.py``):
   5e-2 fp8) of the float32 reference and of ``qm(...)`` in relative error norm (these ops'
   CPU paths are their references: the same values).
 
-Coverage: every core architecture (``zoo.ARCHITECTURES``) for (w4a16, "ort"); every
+Coverage: every core architecture (``zoo.ARCHITECTURES``) for (w4a16, "ort") (``make test``
+runs one of each structural kind, FAST_W4A16_ARCHITECTURES; ``make test-all`` every one); every
 architecture of the wider zoo (``zoo.EXTENDED``) for (w8a16, "ort") in
 tests/models/test_zoo_*.py, next to its other tests (``check_parity`` below; the translations
 do not depend on the bit width, which the core zoo covers in every flavor); one of each
@@ -301,7 +302,13 @@ def _online_smoothing(qm) -> int:
                or (node.op == "call_function" and node.target in act_quant and node.args[4] is not None))
 
 
-@pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
+# One architecture per structural kind in `make test`, every core architecture in `make test-all`
+# (about 25 s each here: the ONNX export dominates).
+FAST_W4A16_ARCHITECTURES = ("llama", "gemma", "gpt2", "opt", "bert", "vit")
+
+
+@pytest.mark.parametrize("arch", [a if a in FAST_W4A16_ARCHITECTURES else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in ALL_ARCHITECTURES])
 def test_ort_flavor_w4a16_matches_quantized_model(exported_zoo, arch):
     check_parity(exported_zoo, arch, "w4a16", "ort")
 

@@ -231,11 +231,13 @@ def test_linear_w8a8_exact_accumulation_and_epilogue(n, k, leading, with_bias, s
     else:
         codes, xscales = quantize_activation_per_token(x2)
 
-    # int8 x int8 accumulation: the CPU path (torch._int_mm, int32) equals the exact one;
-    # K = 1 takes the exact accumulation itself (torch._int_mm is wrong there on CPU).
+    # int8 x int8 accumulation: the CPU path (torch._int_mm or blocked float32 GEMMs, int32)
+    # equals the exact one; with torch._int_mm K = 1 takes the exact accumulation itself
+    # (torch._int_mm is wrong there on CPU).
     assert w8a8_module.int_mm_applies(codes, qweight) is (k >= 2)
     fast_acc = w8a8_module.int8_matmul(codes, qweight, wscales)
-    assert fast_acc.dtype == (torch.int32 if k >= 2 else torch.int64)
+    float32_gemm = w8a8_module.cpu_int8_gemm() == "float32"
+    assert fast_acc.dtype == (torch.int32 if k >= 2 or float32_gemm else torch.int64)
     exact = w8a8_module.int8_matmul_reference(codes, qweight)
     assert torch.equal(fast_acc.to(torch.int64), exact)
 
@@ -311,9 +313,19 @@ def test_static_scale_saturates_and_single_token_static_equals_dynamic():
     assert bool(torch.isfinite(zero).all())
 
 
-def test_int32_accumulation_exact_beyond_float32_integers():
-    """|acc| up to 127 * 127 * 4100 > 2**24: the int32 and the exact float64 accumulations
-    agree, and so do their conversions to float32 in the epilogue."""
+@pytest.fixture
+def cpu_int8_gemm(request, monkeypatch):
+    """Fix the CPU int8 GEMM (``QCOMPILE_CPU_INT8_GEMM``) to ``request.param`` for one test."""
+    monkeypatch.setenv("QCOMPILE_CPU_INT8_GEMM", request.param)
+    w8a8_module.cpu_int8_gemm.cache_clear()
+    yield request.param
+    w8a8_module.cpu_int8_gemm.cache_clear()
+
+
+@pytest.mark.parametrize("cpu_int8_gemm", ["int_mm", "float32"], indirect=True)
+def test_int32_accumulation_exact_beyond_float32_integers(cpu_int8_gemm):
+    """|acc| up to 127 * 127 * 4100 > 2**24: the int32 (either CPU GEMM) and the exact float64
+    accumulations agree, and so do their conversions to float32 in the epilogue."""
     k = 4100
     a = torch.full((3, k), 127, dtype=torch.int8)
     a[1] = -127
@@ -374,7 +386,48 @@ def test_empty_batch_and_non_contiguous_x():
     assert torch.equal(W8A8(x_t, qweight, wscales, bias, None, None), W8A8(x, qweight, wscales, bias, None, None))
 
 
-def test_transposed_weight_cache_is_reused_invalidated_and_released():
+def test_float32_int8_gemm_is_exact_at_the_extremes():
+    """Blocks of FLOAT32_EXACT_K keep every float32 partial sum an integer below 2**24, also
+    for the largest products (-128 * -128 = 2**14, K a multiple of the block and one over),
+    K = 1 (where torch._int_mm fails), M = 0 and odd sizes with fresh random codes."""
+    block = w8a8_module.FLOAT32_EXACT_K
+    assert 2**14 * block <= 2**24
+    for k in (block, block + 1, 3 * block):
+        a = torch.full((2, k), -128, dtype=torch.int8)
+        got = w8a8_module.int8_matmul_float32(a, a)
+        assert got.dtype == torch.int32 and int(got[0, 0]) == 2**14 * k
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    for m, k, n in ((0, 5, 3), (7, 1, 9), (33, block + 3, 17), (5, 2 * block + 1, 1)):
+        a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=gen)
+        b = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+        assert torch.equal(w8a8_module.int8_matmul_float32(a, b).to(torch.int64),
+                           w8a8_module.int8_matmul_reference(a, b)), (m, k, n)
+
+
+@pytest.mark.parametrize("cpu_int8_gemm", ["int_mm", "float32"], indirect=True)
+def test_both_cpu_int8_gemms_give_the_reference_bits(cpu_int8_gemm):
+    x, qweight, wscales, bias, _ = _w8a8_case(40, 1100, (3, 5), torch.float32, True, 21)
+    assert w8a8_module.cpu_int8_gemm() == cpu_int8_gemm
+    assert torch.equal(W8A8(x, qweight, wscales, bias, None, None),
+                       w8a8_module.linear_w8a8_reference(x, qweight, wscales, bias, None, None))
+
+
+def test_cpu_int8_gemm_is_chosen_once_and_can_be_fixed(monkeypatch):
+    w8a8_module.cpu_int8_gemm.cache_clear()
+    monkeypatch.delenv("QCOMPILE_CPU_INT8_GEMM", raising=False)
+    try:
+        chosen = w8a8_module.cpu_int8_gemm()
+        assert chosen in ("int_mm", "float32") and w8a8_module.cpu_int8_gemm() is chosen
+        w8a8_module.cpu_int8_gemm.cache_clear()
+        monkeypatch.setenv("QCOMPILE_CPU_INT8_GEMM", "vnni")
+        with pytest.raises(ValueError, match="QCOMPILE_CPU_INT8_GEMM must be one of"):
+            w8a8_module.cpu_int8_gemm()
+    finally:
+        w8a8_module.cpu_int8_gemm.cache_clear()
+
+
+@pytest.mark.parametrize("cpu_int8_gemm", ["int_mm"], indirect=True)
+def test_transposed_weight_cache_is_reused_invalidated_and_released(cpu_int8_gemm):
     cache = w8a8_module._WEIGHT_T_CACHE
     x, qweight, wscales, bias, _ = _w8a8_case(16, 32, (4,), torch.float32, True, 16)
     before = len(cache)

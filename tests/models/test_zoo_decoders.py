@@ -11,10 +11,14 @@ tests/export/), and rounding does not depend on the architecture.
 """
 from __future__ import annotations
 
+import pytest
+
 from tests.models.checks import zoo_tests
 from tests.models.zoo import ARCHITECTURES, names_of
 
 NAMES = [n for n in names_of("decoder") if n not in ARCHITECTURES]
+# Minutes of CPU in all: `make test-all` runs them, `make test` (CI) the core zoo only.
+pytestmark = pytest.mark.slow
 
 
 (
