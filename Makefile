@@ -16,7 +16,8 @@ TORCH_VERSION ?= 2.13.0
 LATEST ?= .venv-latest
 # pytest's console script (not `python -m pytest`): it puts no folder of the repository on
 # sys.path, where kernels/ would shadow an installed `kernels` package (see pyproject.toml).
-PYTEST_ARGS ?= -q -n 2 --dist loadfile
+PYTEST_ARGS ?= -q -n 2 --dist loadfile --no-loadscope-reorder
+# --no-loadscope-reorder: files in the order tests/conftest.py gives (the long ones first).
 # `make test` (the README's test command, what CI runs) leaves out the tests marked slow
 # (pyproject.toml); `make test-all` runs them too.
 FAST := -m "not slow"

@@ -131,7 +131,8 @@ def run_passes(gm: fx.GraphModule, passes: list[GraphPass], ctx: PassContext) ->
     for index, graph_pass in enumerate(passes, start=1):
         check_function = ctx.verify and graph_pass.preserves_function
         verify_seconds = 0.0
-        with PeakWatch() as watch:
+        watch = PeakWatch(enabled=ctx.verify)  # samples resident memory only while checks run
+        with watch:
             if check_function and reference is None:
                 start = time.perf_counter()
                 if boundaries is None:
@@ -163,7 +164,7 @@ def run_passes(gm: fx.GraphModule, passes: list[GraphPass], ctx: PassContext) ->
         reference = runs if check_function and not has_exact_values(gm) else None
         drop_exact_values(gm)
         ctx.pass_log.append(PassRecord(graph_pass.name, seconds, nodes_before, _count_nodes(gm), result.modified,
-                                       verified, verify_seconds, watch.peak if ctx.verify else None))
+                                       verified, verify_seconds, watch.peak))
         if dump_dir is not None:
             _dump(dump_dir / f"{index:02d}_{graph_pass.name}.txt", gm)
     return gm

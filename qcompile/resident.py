@@ -27,10 +27,12 @@ def resident_bytes() -> int | None:
 
 class PeakWatch:
     """``with PeakWatch() as w: ...`` then ``w.peak`` (bytes, None without ``/proc``) and
-    ``w.start`` (resident bytes when the block began)."""
+    ``w.start`` (resident bytes when the block began). ``enabled=False`` measures nothing
+    (no thread; ``peak`` stays None)."""
 
-    def __init__(self, interval: float = 0.005):
+    def __init__(self, interval: float = 0.005, *, enabled: bool = True):
         self.interval = interval
+        self.enabled = enabled
         self.start: int | None = None
         self.peak: int | None = None
         self._stop = threading.Event()
@@ -46,6 +48,8 @@ class PeakWatch:
             self._sample()
 
     def __enter__(self) -> "PeakWatch":
+        if not self.enabled:
+            return self
         self.start = resident_bytes()
         self.peak = self.start
         if self.start is not None:
@@ -54,6 +58,8 @@ class PeakWatch:
         return self
 
     def __exit__(self, *exc) -> None:
+        if not self.enabled:
+            return
         self._stop.set()
         if self._thread is not None:
             self._thread.join()

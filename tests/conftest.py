@@ -35,8 +35,9 @@ def pytest_configure(config):
 
 
 # Test files that take minutes, started first: the suite runs under pytest-xdist with
-# --dist loadfile (a file stays on one worker), and a long file begun last would run on
-# alone at the end while the other worker idles.
+# --dist loadfile (a file stays on one worker) and --no-loadscope-reorder (xdist would
+# otherwise order files by their number of tests, which puts the 3 long MiniLM tests last),
+# and a long file begun last would run on alone at the end while the other worker idles.
 LONG_FILES_FIRST = (
     "tests/test_minilm.py",
     "tests/export/test_parity.py",
