@@ -36,20 +36,14 @@ VOCAB = 32000
 RECIPES = ("w8a16", "w4a16", "w4a16-gptq", "w8a8", "backend-w8a16")
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def worker(size: str, dtype_name: str, recipe: str, threads: int) -> None:
     """Build the model, run one recipe, print one RESULT line of JSON."""
     import torch
     import transformers
 
     import qcompile
+    from qcompile.resident import resident_bytes
+    from qcompile.sequential import peak_rss_bytes
 
     if threads:
         torch.set_num_threads(threads)
@@ -66,7 +60,7 @@ def worker(size: str, dtype_name: str, recipe: str, threads: int) -> None:
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (1, 16), generator=gen)
     calibration = [(torch.randint(0, VOCAB, (1, 64), generator=gen),) for _ in range(4)]
-    before = _status("VmRSS")
+    before = resident_bytes()
     # The high-water mark from here on: building the model (random initialization) is not
     # what is measured. Writing 5 to clear_refs resets VmHWM to the current resident size.
     with open("/proc/self/clear_refs", "w") as f:
@@ -83,7 +77,7 @@ def worker(size: str, dtype_name: str, recipe: str, threads: int) -> None:
     seconds = time.perf_counter() - start
     print("RESULT " + json.dumps({
         "size": size, "dtype": dtype_name, "recipe": recipe, "parameters": sum(p.numel() for p in model.parameters()),
-        "model_bytes": model_bytes, "rss_before": before, "peak": _status("VmHWM"), "seconds": seconds,
+        "model_bytes": model_bytes, "rss_before": before, "peak": peak_rss_bytes(), "seconds": seconds,
         "verify_seconds": verify_seconds,
     }), flush=True)
 
