@@ -13,8 +13,9 @@ the float64 runs promote one constant at a time, so verifying a model costs abou
 float64 activations, not copies of its weights.
 
 Per-pass wall time, node counts, and the check's time and peak resident memory go into
-``ctx.pass_log`` (and from there into the report). With ``dump_dir`` set (or the environment variable ``QCOMPILE_DUMP_DIR``) the
-readable graph is written after every pass as ``NN_<pass>.txt``.
+``ctx.pass_log`` (and from there into the report). With ``dump_dir`` set (or the
+environment variable ``QCOMPILE_DUMP_DIR``) the readable graph is written after every
+pass as ``NN_<pass>.txt``.
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ class PassRecord:
     modified: bool
     verified: str  # "none", "structure" or "structure+float64"
     verify_seconds: float = 0.0  # the checks after the pass (and the float64 run before it)
-    verify_peak_bytes: int | None = None  # resident memory at its highest during them
+    verify_peak_bytes: int | None = None  # resident memory at its highest during those checks
 
 
 @dataclass
@@ -130,23 +131,24 @@ def run_passes(gm: fx.GraphModule, passes: list[GraphPass], ctx: PassContext) ->
     boundaries: list[StageBoundary] | None = None  # found once, on the first graph checked
     for index, graph_pass in enumerate(passes, start=1):
         check_function = ctx.verify and graph_pass.preserves_function
-        verify_seconds = 0.0
-        watch = PeakWatch(enabled=ctx.verify)  # samples resident memory only while checks run
-        with watch:
-            if check_function and reference is None:
+        verify_seconds, verify_peak = 0.0, None
+        if check_function and reference is None:
+            with PeakWatch() as watch:
                 start = time.perf_counter()
                 if boundaries is None:
                     boundaries = stage_boundaries(gm)
                 reference = [float64_run(gm, inputs, [b.node for b in boundaries]) for inputs in ctx.check_inputs()]
                 verify_seconds += time.perf_counter() - start
-            nodes_before = _count_nodes(gm)
-            start = time.perf_counter()
-            result = graph_pass.run(gm, ctx)
-            seconds = time.perf_counter() - start
-            gm = result.graph_module
-            verified = "none"
-            start = time.perf_counter()
-            if ctx.verify:
+            verify_peak = watch.peak
+        nodes_before = _count_nodes(gm)
+        start = time.perf_counter()
+        result = graph_pass.run(gm, ctx)
+        seconds = time.perf_counter() - start
+        gm = result.graph_module
+        verified = "none"
+        if ctx.verify:
+            with PeakWatch() as watch:
+                start = time.perf_counter()
                 try:
                     check_structure(gm)
                     verified = "structure"
@@ -158,13 +160,14 @@ def run_passes(gm: fx.GraphModule, passes: list[GraphPass], ctx: PassContext) ->
                     unlocated = "" if graph_pass.keeps_stage_values or not check_function else (
                         " (the pass changes the values between stages by design, so no stage is named)")
                     raise VerificationError(f"pass {graph_pass.name!r} failed verification: {exc}{unlocated}") from exc
-            verify_seconds += time.perf_counter() - start
+                verify_seconds += time.perf_counter() - start
+            verify_peak = watch.peak if verify_peak is None else max(verify_peak, watch.peak or 0)
         # The next function-preserving pass starts from this graph: its float64 runs are
         # known, unless constants stood for exact values that are now forgotten.
         reference = runs if check_function and not has_exact_values(gm) else None
         drop_exact_values(gm)
         ctx.pass_log.append(PassRecord(graph_pass.name, seconds, nodes_before, _count_nodes(gm), result.modified,
-                                       verified, verify_seconds, watch.peak))
+                                       verified, verify_seconds, verify_peak))
         if dump_dir is not None:
             _dump(dump_dir / f"{index:02d}_{graph_pass.name}.txt", gm)
     return gm

@@ -27,12 +27,10 @@ def resident_bytes() -> int | None:
 
 class PeakWatch:
     """``with PeakWatch() as w: ...`` then ``w.peak`` (bytes, None without ``/proc``) and
-    ``w.start`` (resident bytes when the block began). ``enabled=False`` measures nothing
-    (no thread; ``peak`` stays None)."""
+    ``w.start`` (resident bytes when the block began)."""
 
-    def __init__(self, interval: float = 0.005, *, enabled: bool = True):
+    def __init__(self, interval: float = 0.005):
         self.interval = interval
-        self.enabled = enabled
         self.start: int | None = None
         self.peak: int | None = None
         self._stop = threading.Event()
@@ -48,8 +46,6 @@ class PeakWatch:
             self._sample()
 
     def __enter__(self) -> "PeakWatch":
-        if not self.enabled:
-            return self
         self.start = resident_bytes()
         self.peak = self.start
         if self.start is not None:
@@ -58,8 +54,6 @@ class PeakWatch:
         return self
 
     def __exit__(self, *exc) -> None:
-        if not self.enabled:
-            return
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
