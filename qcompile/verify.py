@@ -97,13 +97,11 @@ def _fold_constant_expressions(gm: fx.GraphModule) -> None:
     seem to change the function by float32's rounding of ``1 + w``.
     """
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-            continue
-        inputs = [a for a in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(a, fx.Node)]
-        if not inputs or any(a.op != "get_attr" for a in inputs) or node.target._schema.is_mutable:
-            continue
-        if torch.Tag.pointwise not in node.target.tags and node.target != torch.ops.aten._to_copy.default:
+        if not _folds(node):
             continue  # only elementwise maps of constants (1 + w, w.float()), nothing shape-dependent
+        inputs = [a for a in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(a, fx.Node)]
+        if not inputs or any(a.op != "get_attr" for a in inputs):
+            continue
         env = {a: get_constant(gm, a) for a in inputs}
         if any(v is None for v in env.values()):
             continue
