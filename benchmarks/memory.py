@@ -26,20 +26,14 @@ import subprocess
 import sys
 import time
 
-SIZES = {
-    # name: (hidden, intermediate, layers, heads, kv heads)
-    "0.1B": (768, 2048, 12, 12, 4),
-    "0.5B": (2048, 5632, 8, 32, 4),
-    "1.1B": (2048, 5632, 22, 32, 4),
-}
-VOCAB = 32000
+from llama_sizes import SIZES, VOCAB, build_llama
+
 RECIPES = ("w8a16", "w4a16", "w4a16-gptq", "w8a8", "backend-w8a16")
 
 
 def worker(size: str, dtype_name: str, recipe: str, threads: int) -> None:
     """Build the model, run one recipe, print one RESULT line of JSON."""
     import torch
-    import transformers
 
     import qcompile
     from qcompile.resident import resident_bytes
@@ -47,15 +41,8 @@ def worker(size: str, dtype_name: str, recipe: str, threads: int) -> None:
 
     if threads:
         torch.set_num_threads(threads)
-    hidden, intermediate, layers, heads, kv_heads = SIZES[size]
-    config = transformers.LlamaConfig(
-        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, vocab_size=VOCAB, tie_word_embeddings=False, max_position_embeddings=2048)
-    torch.manual_seed(0)
     dtype = getattr(torch, dtype_name)
-    torch.set_default_dtype(dtype)  # built in its dtype: no float32 copy on the way
-    model = transformers.LlamaForCausalLM(config).eval()
-    torch.set_default_dtype(torch.float32)
+    model = build_llama(size, dtype)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (1, 16), generator=gen)

@@ -17,6 +17,8 @@ The choice is recorded as ``node.meta['qcompile.precision']`` (a ``WeightFormat`
 ``quantize_weights`` rounds to; each layer's report row gets the chosen format, the Ω of
 every candidate and the chosen format's costs; ``ctx.analyses['precision']`` keeps the
 whole problem and solution (for a budget sweep, say). The graph itself is not changed.
+The choices are recorded in ``ctx.decisions`` too; a model's other graphs (generation's
+prefill and decode steps) replay them instead of solving again (``qcompile.decisions``).
 """
 from __future__ import annotations
 
@@ -118,9 +120,23 @@ def activation_ties(nodes: list[fx.Node], formats, pins: list[str | None]) -> tu
     return groups, np.array([f.act_bits for f in formats])
 
 
+def _replayed(gm: fx.GraphModule, ctx: PassContext) -> bool:
+    """Attach the formats chosen on the model's first graph (``qcompile.decisions``); False
+    (nothing attached) when a lenient store misses one."""
+    nodes = quantizable_linears(gm)
+    chosen = [ctx.decisions.lookup("precision", layer_name(node)) for node in nodes]
+    if any(fmt is None for fmt in chosen):
+        return False
+    for node, fmt in zip(nodes, chosen):
+        node.meta[PRECISION_META] = fmt
+    return True
+
+
 def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     recipe = ctx.recipe
     if recipe.budget is None:
+        return PassResult(gm, False)
+    if ctx.decisions.replaying and _replayed(gm, ctx):
         return PassResult(gm, False)
     if not ctx.calibration:
         raise CalibrationError(f"recipe {recipe.name!r} has a budget: its per-layer precision choice needs "
@@ -156,6 +172,7 @@ def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for i, (node, name) in enumerate(zip(nodes, names)):
         fmt = formats[result.choice[i]]
         node.meta[PRECISION_META] = fmt
+        ctx.decisions.precision[name] = fmt
         row = ctx.layers.setdefault(name, {"layer": name, "shape": (costs[i].out_features, costs[i].in_features)})
         row["precision"] = fmt.name + (" (pinned)" if pins[i] is not None else "")
         row["omega"] = {f.name: float(table.omega[i, j]) for j, f in enumerate(formats) if allowed[i, j] or pins[i] is None}

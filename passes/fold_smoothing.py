@@ -28,6 +28,10 @@ float64 value (``EXACT_META``) and the pass manager's float64 check proves the r
 exact in float64 while the stored constants carry float32 (bf16) rounding. Either way
 the check holds on every architecture. Every consumer's report row says what happened
 (``smoothing``: α and where the scale went).
+
+Each group's choice is recorded in ``ctx.decisions`` (keyed by its linears' names); on a
+model's other graphs (generation's prefill and decode steps) the pass replays it, with no
+calibration data, so every graph folds the same scales (``qcompile.decisions``).
 """
 from __future__ import annotations
 
@@ -222,15 +226,20 @@ def _choose_scale(ctx: PassContext, gm: fx.GraphModule, group: SmoothingGroup, s
     return found.alpha, found.scale, note, (base, best)
 
 
-def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+def _chooser(ctx: PassContext, gm: fx.GraphModule, groups: list[SmoothingGroup]):
+    """``choose(index, group) -> (alpha, s, note, errors)``: computed from the calibration
+    statistics and recorded, or (replaying, ``qcompile.decisions``) the recorded choice."""
+    decisions = ctx.decisions
+    if decisions.replaying:
+        found = [decisions.replay_smoothing(_group_key(g), _weights(gm, g)) for g in groups]
+        if all(ok for ok, _ in found):
+            return lambda index, group: found[index][1]
     recipe = ctx.recipe
     if not ctx.calibration:
         raise CalibrationError(
             f"recipe {recipe.name!r} needs calibration data ({recipe.needs_calibration}); "
             "pass calibration=[batch, ...] to qcompile.quantize"
         )
-    linears = linears_to_quantize(gm, recipe)
-    groups = find_smoothing_groups(gm, linears)
     stats = collect_linear_stats(gm, ctx.calibration, progress=ctx.progress)
     staged, fallback = {}, {}
     if recipe.smooth == "search" and recipe.smooth_objective == "stage":
@@ -240,6 +249,28 @@ def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                if (g.kind != "online" or recipe.smooth_online) and i not in staged]
     if recipe.smooth == "search" and sampled:
         samples = collect_input_samples(gm, ctx.calibration, sampled, max_rows=SEARCH_ROWS, progress=ctx.progress)
+
+    def choose(index: int, group: SmoothingGroup):
+        chosen = _choose_scale(ctx, gm, group, stats, samples, staged.get(index), fallback.get(index, ""))
+        decisions.record_smoothing(_group_key(group), _weights(gm, group), chosen)
+        return chosen
+
+    return choose
+
+
+def _group_key(group: SmoothingGroup) -> tuple[str, ...]:
+    return tuple(layer_name(c) for c in group.consumers)
+
+
+def _weights(gm: fx.GraphModule, group: SmoothingGroup) -> list[torch.Tensor]:
+    return [linear_weight(gm, c) for c in group.consumers]
+
+
+def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    recipe = ctx.recipe
+    linears = linears_to_quantize(gm, recipe)
+    groups = find_smoothing_groups(gm, linears)
+    choose = _chooser(ctx, gm, groups)
     ctx.analyses["smoothing_groups"] = groups
     modified = False
     for index, group in enumerate(tqdm(groups, desc="smoothing", unit="group", disable=not ctx.progress, leave=False)):
@@ -251,8 +282,7 @@ def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             for row in rows:
                 row["smoothing"] = f"none ({group.reason}; smooth_online=False)"
             continue
-        alpha, s, note, errors = _choose_scale(ctx, gm, group, stats, samples, staged.get(index),
-                                               fallback.get(index, ""))
+        alpha, s, note, errors = choose(index, group)
         where = group.describe()
         for row in rows:
             row["smoothing_alpha"] = alpha

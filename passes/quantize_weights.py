@@ -39,6 +39,12 @@ A linear carrying ``node.meta['qcompile.precision']`` (a ``WeightFormat`` chosen
 grid in groups, or left float); a format that also quantizes activations gets per-token
 dynamic INT8 / INT4 activations as above (``linear_w8a8``, ``linear_w4a8`` / ``linear_w4a4``).
 Method and range search stay the recipe's.
+
+Every linear's result (the attached metadata, the report row, a fingerprint of the float
+weight it rounded) is recorded in ``ctx.decisions``; on a model's other graphs
+(generation's prefill and decode steps) the pass attaches the recorded results, the same
+tensors, after checking each weight's fingerprint, and gathers no statistics
+(``qcompile.decisions``).
 """
 from __future__ import annotations
 
@@ -48,6 +54,7 @@ from tqdm.auto import tqdm
 
 from qcompile.act_quant import INT8_QMAX, ActQuantWeight, quantize_weight_fp8
 from qcompile.calibration import collect_linear_stats
+from qcompile.decisions import Decisions
 from qcompile.errors import CalibrationError
 from qcompile.fake_quant import weight_group_size
 from qcompile.gptq import GPTQResult, gptq_quantize, proxy_loss, rtn_proxy_loss
@@ -170,12 +177,40 @@ def _join_notes(*notes: str) -> str:
     return "; ".join(n for n in notes if n)
 
 
+_DECIDED_META = (QWEIGHT_META, ACTQ_META, ACT_BITS_META)
+
+
 def _quantize_linear(gm: fx.GraphModule, node: fx.Node, recipe: Recipe, stats, layers: dict[str, dict],
-                     target: fx.Node | None = None) -> bool:
+                     target: fx.Node | None = None, decisions: Decisions | None = None) -> bool:
     """Round one linear's weight (read from ``gm``) and attach the result to ``target``
     (default ``node``; a stage module's copy quantizes its parent's node); fill its report
-    row in ``layers``. Returns whether the linear was quantized."""
+    row in ``layers``; record the choice in ``decisions`` when given. Returns whether the
+    linear was quantized."""
     target = node if target is None else target
+    done = _round_linear(gm, node, recipe, stats, layers, target)
+    if decisions is not None:
+        name = layer_name(node)
+        meta = {key: target.meta[key] for key in _DECIDED_META if key in target.meta}
+        decisions.record_weight(name, linear_weight(gm, node), meta, layers[name])
+    return done
+
+
+def _replayed(gm: fx.GraphModule, ctx: PassContext) -> PassResult | None:
+    """Attach the rounded weights recorded on the model's first graph (``qcompile.decisions``):
+    the same tensors, after checking that this graph's float weight is the one they round.
+    None (nothing attached) when a lenient store misses one or holds another weight."""
+    nodes = quantizable_linears(gm)
+    found = [ctx.decisions.replay_weight(layer_name(node), linear_weight(gm, node)) for node in nodes]
+    if any(decision is None for decision in found):
+        return None
+    for node, decision in zip(nodes, found):
+        node.meta.update(decision.meta)
+        ctx.layers[layer_name(node)] = {**decision.row, "node": node.name}
+    return PassResult(gm, any(bool(decision.meta) for decision in found))
+
+
+def _round_linear(gm: fx.GraphModule, node: fx.Node, recipe: Recipe, stats, layers: dict[str, dict],
+                  target: fx.Node) -> bool:
     weight = linear_weight(gm, node)
     name = layer_name(node)
     out_features, in_features = weight.shape
@@ -252,7 +287,8 @@ def _needs_stats(recipe: Recipe) -> bool:
 
 
 def quantize_stage(module: fx.GraphModule, pairs: list[tuple[fx.Node, fx.Node]], batches: list[list],
-                   recipe: Recipe, layers: dict[str, dict], *, group=None) -> list[fx.Node]:
+                   recipe: Recipe, layers: dict[str, dict], *, group=None,
+                   decisions: Decisions | None = None) -> list[fx.Node]:
     """Quantize the linears of one stage (``qcompile.stages``) of a weight-only recipe.
 
     ``module`` is the stage's GraphModule, ``pairs`` its ``(linear, target)`` nodes (the
@@ -270,7 +306,7 @@ def quantize_stage(module: fx.GraphModule, pairs: list[tuple[fx.Node, fx.Node]],
                                      group=group).layers
     quantized = []
     for node, target in pairs:
-        done = _quantize_linear(module, node, recipe, stats, layers, target)
+        done = _quantize_linear(module, node, recipe, stats, layers, target, decisions)
         if stats:
             stats.pop(layer_name(node), None)  # this linear's Hessian is no longer needed: free it now
         if done:
@@ -292,7 +328,7 @@ def _run_sequential(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     def process(stage, module, node_map, batches):
         nonlocal modified
         pairs = [(node_map[n], n) for n in stage.linears]
-        modified |= bool(quantize_stage(module, pairs, batches, ctx.recipe, ctx.layers))
+        modified |= bool(quantize_stage(module, pairs, batches, ctx.recipe, ctx.layers, decisions=ctx.decisions))
 
     run_stages(gm, stages, ctx.calibration, load=load, process=process, progress=ctx.progress)
     return PassResult(gm, modified)
@@ -314,7 +350,7 @@ def _run_by_stage(gm: fx.GraphModule, ctx: PassContext, stages: list) -> bool:
         nonlocal modified
         stats = collect_linear_stats(module, batches, hessian=True, progress=False).layers
         for node in stage.linears:
-            modified |= _quantize_linear(gm, node, ctx.recipe, stats, ctx.layers)
+            modified |= _quantize_linear(gm, node, ctx.recipe, stats, ctx.layers, decisions=ctx.decisions)
             stats.pop(layer_name(node), None)
             done.add(node)
 
@@ -327,6 +363,8 @@ def _run_by_stage(gm: fx.GraphModule, ctx: PassContext, stages: list) -> bool:
 
 def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     recipe = ctx.recipe
+    if ctx.decisions.replaying and (replayed := _replayed(gm, ctx)) is not None:
+        return replayed
     linears = quantizable_linears(gm)
     if recipe.sequential and linears:
         if _uses_gptq(recipe) and not ctx.calibration:
@@ -343,7 +381,7 @@ def _run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     stats = _input_stats(gm, ctx) if linears else None
     desc = "GPTQ rounding" if _uses_gptq(recipe) else "quantizing weights"
     for node in tqdm(linears, desc=desc, unit="layer", disable=not ctx.progress, leave=False):
-        modified |= _quantize_linear(gm, node, recipe, stats, ctx.layers)
+        modified |= _quantize_linear(gm, node, recipe, stats, ctx.layers, decisions=ctx.decisions)
     return PassResult(gm, modified)
 
 

@@ -23,6 +23,7 @@ from .errors import (
     OutputExistsError,
     QcompileError,
     RecipeError,
+    ReplayError,
     VerificationError,
 )
 from .recipe import PRESETS, Recipe, resolve_recipe
@@ -56,6 +57,7 @@ __all__ = [
     "QuantizedModel",
     "Recipe",
     "RecipeError",
+    "ReplayError",
     "VerificationError",
     "load_streamed",
     "quantize",

@@ -11,9 +11,17 @@ Options: ``recipe`` (preset name, Recipe or dict; default ``"w8a16"``), ``calibr
 (batches of model inputs: dicts are matched to graph inputs by argument name, tuples by
 position), ``inner``, ``verify``, ``dump_dir``, ``progress``, and ``on_report`` (a
 callable that receives each graph's :class:`qcompile.report.Report`).
+
+Dynamo hands the backend a new graph whenever a guard fails — for ``generate()``, as the
+KV cache grows, until it marks the length dynamic — and at every graph break. Such graphs
+share one ``qcompile.decisions`` store per recipe and calibration data: a weight already
+rounded for an earlier graph is not rounded again (its fingerprint is checked), and each
+graph's report notes how long its quantization took.
 """
 from __future__ import annotations
 
+import time
+import weakref
 from dataclasses import dataclass, fields
 from typing import Any, Callable
 
@@ -25,6 +33,7 @@ from qcompile.passes.decompose_w8a8 import decompose_w8a8
 from .api import quantize_graph
 from .calibration import normalize_batch
 from .capture import FrozenDynamoGraph, freeze_dynamo_graph
+from .decisions import Decisions
 from .errors import CalibrationError, InputMismatchError, RecipeError
 from .pipeline import PassContext, run_passes
 from .recipe import Recipe, resolve_recipe
@@ -86,6 +95,27 @@ def _graph_calibration(batches: Any, user_names: list[str]) -> list[list[Any]]:
     return out
 
 
+# One Decisions store per (recipe, calibration data) in use: every graph Dynamo hands the
+# backend for it (a recompilation as the KV cache grows, the other side of a graph break)
+# replays the rounded weights already made instead of rounding them again. Held weakly: the
+# compiled graphs hold their store, and it goes when they go.
+_SHARED: "weakref.WeakValueDictionary[tuple, Decisions]" = weakref.WeakValueDictionary()
+
+
+def shared_decisions(recipe: Recipe, calibration: Any) -> Decisions:
+    """The store the backend's graphs quantized with ``recipe`` and ``calibration`` share.
+
+    Replayed leniently (``qcompile.decisions``): each weight's rounding is reused only where
+    the graph's weight has the fingerprint of the one rounded, so graphs of another model
+    (or of changed weights) are quantized afresh, never paired with another model's codes."""
+    key = (repr(recipe), id(calibration) if calibration is not None else None)
+    decisions = _SHARED.get(key)
+    if decisions is None:
+        decisions = Decisions()
+        _SHARED[key] = decisions
+    return decisions
+
+
 def qcompile_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None,
                      **kwargs: Any) -> Callable[..., Any]:
     """Return the callable Dynamo runs in place of ``gm``; it quantizes on its first call.
@@ -101,18 +131,26 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dic
     opts = BackendOptions.from_dict(options)
     recipe: Recipe = resolve_recipe(opts.recipe)
     frozen = freeze_dynamo_graph(gm, list(example_inputs))
-    compiled: list[Callable[..., Any]] = []
+    first_key = frozen.state_key(list(example_inputs))
+    decisions = shared_decisions(recipe, opts.calibration)
+    compiled: dict[tuple, Callable[..., Any]] = {}
 
     def run(*all_inputs: Any) -> Any:
-        if not compiled:
-            compiled.append(_compile(frozen, list(all_inputs), recipe, opts))
-        return compiled[0](*all_inputs)
+        # Dynamo reuses this graph for another instance of the model's class, or after an
+        # in-place update of its weights (parameters are graph inputs to it): the graph is
+        # frozen and quantized again for the parameters this call passes (the latest only).
+        key = frozen.state_key(list(all_inputs))
+        if key not in compiled:
+            source = frozen.with_state(list(all_inputs)) if compiled or key != first_key else frozen
+            compiled.clear()
+            compiled[key] = _compile(source, list(all_inputs), recipe, opts, decisions)
+        return compiled[key](*all_inputs)
 
     return run
 
 
 def _compile(frozen: FrozenDynamoGraph, inputs: list[Any], recipe: Recipe,
-             opts: BackendOptions) -> Callable[..., Any]:
+             opts: BackendOptions, decisions: Decisions) -> Callable[..., Any]:
     captured = frozen.capture(inputs)
     example_flat = frozen.user_inputs(inputs)
     batches = _graph_calibration(opts.calibration, frozen.user_names)
@@ -125,8 +163,15 @@ def _compile(frozen: FrozenDynamoGraph, inputs: list[Any], recipe: Recipe,
                 "call with its shapes baked in; give calibration batches of the first call's shapes, or compile "
                 "with torch.compile(model, dynamic=True, ...)"
             ) from exc
+    started = time.perf_counter()
     report = quantize_graph(captured, recipe, batches, example_flat, verify=opts.verify,
-                            dump_dir=opts.dump_dir, progress=opts.progress)
+                            dump_dir=opts.dump_dir, progress=opts.progress, decisions=decisions)
+    replayed = decisions.replaying
+    decisions.replay("a graph torch.compile handed the backend", strict=False)
+    report.notes.append(
+        f"backend: graph quantized in {time.perf_counter() - started:.1f} s"
+        + (" (the rounded weights of an earlier graph replayed where its weights are the same)" if replayed else "")
+    )
     if opts.on_report is not None:
         opts.on_report(report)
     qgm = captured.graph_module

@@ -247,8 +247,15 @@ def _size_oblivious() -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, dynamic: bool = True) -> CapturedGraph:
-    """Capture ``model(*args, **kwargs)`` as a canonical graph (see the module docstring)."""
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, dynamic: bool = True,
+            dynamic_shapes: Any = None, source_prefix: str = "") -> CapturedGraph:
+    """Capture ``model(*args, **kwargs)`` as a canonical graph (see the module docstring).
+
+    ``dynamic_shapes``: torch.export's, instead of ``Dim.AUTO`` on every dimension.
+    ``source_prefix``: removed from the front of every weight's name (and module path), for
+    a wrapper module that holds the user's model as its attribute (``"model."``), so that
+    the graph names its weights as the model does.
+    """
     kwargs = dict(kwargs or {})
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"qcompile.quantize expects a torch.nn.Module, got {type(model).__name__}")
@@ -268,7 +275,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, 
             f"{type(model).__name__} raised {type(exc).__name__} on its example inputs, before any capture: {exc}"
         ) from exc
     register_output_types(output)
-    dynamic_shapes = dynamic_shapes_for(model.forward, args, kwargs) if dynamic else None
+    if dynamic_shapes is None and dynamic:
+        dynamic_shapes = dynamic_shapes_for(model.forward, args, kwargs)
     try:
         with torch.no_grad(), _size_oblivious():
             ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
@@ -281,7 +289,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, 
             'path instead, which quantizes each graph Dynamo captures between graph breaks:\n'
             '    torch.compile(model, backend="qcompile", options={"recipe": ...})'
         ) from exc
-    captured = freeze_exported_program(ep, _state_aliases(model))
+    captured = freeze_exported_program(ep, _state_aliases(model), source_prefix)
     captured.guards = getattr(ep.module(check_guards=True), "_guards_fn", None)
     return captured
 
@@ -296,12 +304,18 @@ def _state_aliases(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
     return {name: tuple(names) for names in by_tensor.values() for name in names}
 
 
-def freeze_exported_program(ep: ExportedProgram, aliases: dict[str, tuple[str, ...]] | None = None) -> CapturedGraph:
+def freeze_exported_program(ep: ExportedProgram, aliases: dict[str, tuple[str, ...]] | None = None,
+                            source_prefix: str = "") -> CapturedGraph:
     """Turn an ExportedProgram into the canonical graph with its weights as constants.
 
     ``aliases``: every name of each parameter (:func:`_state_aliases`), kept in
     ``meta[ALIASES_META]`` so a layer is named after the module that calls it.
+    ``source_prefix``: stripped from those names and from the module paths (see :func:`capture`).
     """
+
+    def strip(name: str) -> str:
+        return name[len(source_prefix):] if source_prefix and name.startswith(source_prefix) else name
+
     gm = ep.graph_module
     sig = ep.graph_signature
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -335,9 +349,9 @@ def freeze_exported_program(ep: ExportedProgram, aliases: dict[str, tuple[str, .
         root.register_buffer(name, tensor.detach(), persistent=True)
         new = new_graph.get_attr(name)
         new.meta = dict(node.meta)
-        new.meta["qcompile.source"] = spec.target
+        new.meta["qcompile.source"] = strip(spec.target)
         if aliases and len(aliases.get(spec.target, ())) > 1:
-            new.meta[ALIASES_META] = aliases[spec.target]
+            new.meta[ALIASES_META] = tuple(strip(a) for a in aliases[spec.target])
         env[node] = new
 
     for node in gm.graph.nodes:
@@ -361,6 +375,8 @@ def freeze_exported_program(ep: ExportedProgram, aliases: dict[str, tuple[str, .
             # the body of a higher-order op (torch.cond's branches, ...): carried along
             root.add_module(node.target, body)
         new = new_graph.node_copy(node, lambda n: env[n])
+        if source_prefix and "nn_module_stack" in new.meta:
+            new.meta["nn_module_stack"] = _strip_module_paths(new.meta["nn_module_stack"], source_prefix)
         if new.target == torch.ops.aten.view.default:
             # The decomposition of ``reshape`` chose ``view`` for the strides seen while
             # tracing; a re-trace (Inductor) can give a tensor other strides (cat, permute),
@@ -377,6 +393,17 @@ def freeze_exported_program(ep: ExportedProgram, aliases: dict[str, tuple[str, .
     in_spec = ep.call_spec.in_spec
     paths = [pytree.keystr(p) for p, _ in pytree.tree_flatten_with_path(pytree.tree_unflatten([0] * in_spec.num_leaves, in_spec))[0]]
     return CapturedGraph(out, in_spec, ep.call_spec.out_spec, constant_inputs, paths, _dim_ranges(ep, user_nodes))
+
+
+def _strip_module_paths(stack: dict, prefix: str) -> dict:
+    """``nn_module_stack`` with ``prefix`` (``"model."``) removed from every module path; the
+    wrapper's own entry for the model (path ``"model"``) is dropped."""
+    out = {}
+    for key, (path, cls) in stack.items():
+        if path == prefix.rstrip("."):
+            continue
+        out[key] = (path[len(prefix):] if path.startswith(prefix) else path, cls)
+    return out
 
 
 def _dim_ranges(ep: ExportedProgram, user_nodes: list[fx.Node]) -> list[tuple[int, int, int, int | None]]:
@@ -438,9 +465,28 @@ class FrozenDynamoGraph:
     graph_module: fx.GraphModule  # takes only the user tensors, in order
     user_indices: list[int]  # positions of the user tensors in Dynamo's inputs
     user_names: list[str]  # their source names (``L['input_ids']``, ``L['kwargs']['attention_mask']``)
+    # (position in Dynamo's inputs, buffer path in graph_module) of each frozen parameter/buffer
+    state: list[tuple[int, str]] = field(default_factory=list)
 
     def user_inputs(self, all_inputs: list[Any]) -> list[Any]:
         return [all_inputs[i] for i in self.user_indices]
+
+    def state_key(self, all_inputs: list[Any]) -> tuple:
+        """Which parameter tensors, at which version, a call passes. Dynamo passes a module's
+        parameters as graph inputs and reuses a compiled graph for another instance of the
+        same class (or after an in-place update): a frozen graph is valid only for its key."""
+        return tuple((id(all_inputs[i]), all_inputs[i]._version) for i, _ in self.state)
+
+    def with_state(self, all_inputs: list[Any]) -> "FrozenDynamoGraph":
+        """This graph frozen with the parameters/buffers that ``all_inputs`` carry instead."""
+        graph_module = fx.GraphModule(self.graph_module, _copy_graph(self.graph_module.graph))
+        for i, path in self.state:
+            *mods, leaf = path.split(".")
+            owner = graph_module
+            for name in mods:
+                owner = getattr(owner, name)
+            owner._buffers[leaf] = all_inputs[i].detach()
+        return FrozenDynamoGraph(graph_module, self.user_indices, self.user_names, self.state)
 
     def capture(self, all_inputs: list[Any]) -> CapturedGraph:
         """Capture the frozen graph through the torch.export path, with these inputs as the example."""
@@ -464,10 +510,12 @@ def freeze_dynamo_graph(gm: fx.GraphModule, example_inputs: list[Any]) -> Frozen
     frozen_placeholders = [n for n in frozen.graph.nodes if n.op == "placeholder"]
     user_indices: list[int] = []
     user_names: list[str] = []
+    state: list[tuple[int, str]] = []
     symint_nodes: list[tuple[fx.Node, Any]] = []
     for i, (node, orig, example) in enumerate(zip(frozen_placeholders, placeholders, example_inputs)):
         if isinstance(example, torch.Tensor) and _is_model_state(orig, example):
             name = _register_nested(frozen, _module_path(_source_name(orig)) or node.name, example.detach())
+            state.append((i, name))
             with frozen.graph.inserting_before(node):
                 attr = frozen.graph.get_attr(name)
             attr.meta["qcompile.source"] = name
@@ -482,7 +530,7 @@ def freeze_dynamo_graph(gm: fx.GraphModule, example_inputs: list[Any]) -> Frozen
         _replace_symint_placeholder(frozen, node, orig, placeholders)
     inline_wrappers(frozen)  # e.g. checkpointing, which torch.export cannot trace
     frozen.recompile()
-    return FrozenDynamoGraph(frozen, user_indices, user_names)
+    return FrozenDynamoGraph(frozen, user_indices, user_names, state)
 
 
 _SOURCE_STEP = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\['([^']+)'\]|\[(\d+)\]|\.([A-Za-z_]\w*)")

@@ -16,6 +16,7 @@ __all__ = [
     "OutputExistsError",
     "ModelLoadError",
     "ExportError",
+    "ReplayError",
 ]
 
 
@@ -55,3 +56,8 @@ class ExportError(QcompileError):
     """A quantized model cannot be written to the requested format (an op without a
     translation for the chosen flavor, a path in a missing folder, a model too large for
     the requested storage)."""
+
+
+class ReplayError(QcompileError):
+    """A graph of a model (e.g. the decode step of generation) does not match the choices
+    recorded while quantizing the model's first graph: another weight, another linear."""

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from .decisions import Decisions
 from .errors import VerificationError
 from .recipe import Recipe
 from .resident import PeakWatch
@@ -91,6 +92,9 @@ class PassContext:
     verify: bool = True
     dump_dir: Path | None = None
     progress: bool = True
+    # the data-dependent choices (smoothing scales, precisions, rounded weights): recorded on
+    # a model's first graph, replayed on its others (``qcompile.decisions``)
+    decisions: Decisions = field(default_factory=Decisions)
 
     def check_inputs(self) -> list[list[Any]]:
         """The inputs the float64 check runs on: the example plus up to two calibration

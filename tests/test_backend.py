@@ -78,3 +78,52 @@ def test_calibration_reaches_the_report():
     with torch.no_grad():
         compiled(torch.randn(3, 32))
     assert "4 calibration batch" in reports[0].error_inputs
+
+
+def test_generate_rounds_each_weight_once_across_the_graphs_dynamo_hands_over(monkeypatch):
+    """``generate()`` under the backend: Dynamo recompiles as the KV cache grows (and at the
+    switch from prefill to decode), handing over several graphs; each weight is rounded once,
+    for the first, and the later graphs replay those codes (``qcompile.decisions``)."""
+    import qcompile.passes.quantize_weights as qw
+
+    rounded = []
+    real = qw._round_linear
+    monkeypatch.setattr(qw, "_round_linear", lambda gm, node, *a, **k: rounded.append(node) or real(gm, node, *a, **k))
+    entry = ARCHITECTURES["qwen2"]
+    model = entry.build(0)
+    reports = []
+    model.forward = torch.compile(model.forward, backend="qcompile",
+                                  options={"inner": "eager", "recipe": "w4a16", "on_report": reports.append})
+    ids = torch.randint(4, 600, (2, 6))
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                             min_new_tokens=6, do_sample=False, use_cache=True)
+    assert out.shape == (2, 12)
+    linears = len(reports[0].layers)
+    assert len(reports) >= 2 and len(rounded) == linears
+    assert all("replayed" in " ".join(r.notes) for r in reports[1:])
+    assert [row["bytes"] for row in reports[-1].layers] == [row["bytes"] for row in reports[0].layers]
+
+
+def test_another_instance_or_changed_weights_are_quantized_for_what_the_call_passes():
+    """Dynamo passes a module's parameters as graph inputs and reuses a compiled graph for
+    another instance of the same class: the backend's frozen, quantized graph must not run
+    with the first instance's weights (it did: a silently wrong result), nor with weights
+    changed in place since. Both instances also share one decisions store (same recipe): the
+    second one's weights have other fingerprints, so they are rounded for it."""
+    entry = ARCHITECTURES["qwen2"]
+    x = entry.inputs(0)[1]
+    options = {"inner": "eager", "recipe": "w8a16"}
+
+    def expected(model):
+        return qcompile.quantize(model, (), x, progress=False, generation=False)(**x).logits
+
+    first, second = entry.build(0), entry.build(1)
+    with torch.no_grad():
+        got_first = torch.compile(first, backend="qcompile", options=options)(**x).logits
+        compiled_second = torch.compile(second, backend="qcompile", options=options)
+        got_second = compiled_second(**x).logits
+        assert relative_error(expected(first), got_first) < 1e-6
+        assert relative_error(expected(second), got_second) < 1e-6
+        second.lm_head.weight.mul_(2.0)
+        assert relative_error(expected(second), compiled_second(**x).logits) < 1e-6
