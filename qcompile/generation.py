@@ -106,7 +106,7 @@ class GenerationPlan:
     attention_mask: torch.Tensor
     output_type: type
     cache_field: str
-    layer_shapes: list[tuple[tuple[int, ...], tuple[int, ...]]]  # per layer: (key shape, value shape) sans B, P
+    layer_shapes: list[tuple[tuple[int, int], tuple[int, int]]]  # per layer: ((heads, dim) of keys, of values)
     dtype: torch.dtype
 
     def empty_past(self, batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -177,8 +177,11 @@ def generation_plan(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[
         mask = torch.ones_like(ids)
     if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
         return None, "the example attention_mask is not a [batch, length] padding mask"
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, use_cache=True, return_dict=True)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True, return_dict=True)
+    except Exception as exc:  # reported: the reason becomes the report's note (or generation=True's error)
+        return None, f"the model raised {type(exc).__name__} when called with use_cache=True: {exc}"
     cache_field = next((f for f in _CACHE_KWARGS if getattr(out, f, None) is not None), None)
     cache = getattr(out, cache_field) if cache_field else None
     layers = getattr(cache, "layers", None)

@@ -94,13 +94,14 @@ def test_generate_rounds_each_weight_once_across_the_graphs_dynamo_hands_over(mo
     reports = []
     model.forward = torch.compile(model.forward, backend="qcompile",
                                   options={"inner": "eager", "recipe": "w4a16", "on_report": reports.append})
-    ids = torch.randint(4, 600, (2, 6))
+    ids = torch.randint(4, 600, (8, 6))
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
                              min_new_tokens=6, do_sample=False, use_cache=True)
-    assert out.shape == (2, 12)
+    assert out.shape == (8, 12)
     linears = len(reports[0].layers)
-    assert len(reports) >= 2 and len(rounded) == linears
+    # prefill, the first decode step, then the decode step with the cache length dynamic
+    assert 2 <= len(reports) <= 3 and len(rounded) == linears
     assert all("replayed" in " ".join(r.notes) for r in reports[1:])
     assert [row["bytes"] for row in reports[-1].layers] == [row["bytes"] for row in reports[0].layers]
 
