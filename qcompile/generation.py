@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -346,7 +347,10 @@ def generation_shell(model: torch.nn.Module, step: Callable[..., Any] | None) ->
     def forward(self, input_ids=None, attention_mask=None, cache=None, **kwargs):
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
-        return (step or self._qcompile_steps)(input_ids, attention_mask, cache, **kwargs)
+        steps = step or self._qcompile_steps()
+        if steps is None:
+            raise InputMismatchError("the quantized generation steps this model ran on are gone")
+        return steps(input_ids, attention_mask, cache, **kwargs)
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         mask = kwargs.get("attention_mask")
@@ -372,6 +376,7 @@ def generation_shell(model: torch.nn.Module, step: Callable[..., Any] | None) ->
 
 
 def _attach_shell(graphs: "GenerationGraphs") -> None:
-    # the shell calls back into the graphs (a plain attribute, not a submodule)
-    graphs.shell.__dict__["_qcompile_steps"] = graphs
+    # the shell calls back into the graphs through a weak reference: no cycle, so the graphs
+    # (and their quantized weights) go as soon as the model holding them goes
+    graphs.shell.__dict__["_qcompile_steps"] = weakref.ref(graphs)
 

@@ -45,6 +45,7 @@ LONG_FILES_FIRST = (
     "tests/models/test_zoo_decoders.py",
     "tests/models/test_zoo_encoders.py",
     "tests/models/test_architectures.py",
+    "tests/test_generation.py",
 )
 
 

@@ -182,6 +182,14 @@ def test_steps_are_built_on_first_use_and_the_model_is_then_released():
     assert alive() is None  # neither the steps nor generate's shell hold the float model
     again = qm.generate(input_ids=ids, max_new_tokens=4, do_sample=False, use_cache=True)
     assert torch.equal(eager, again)
+    # no reference cycle: the steps (and their quantized weights) go with the model, at once
+    steps = weakref.ref(qm.generation)
+    gc.disable()
+    try:
+        del qm
+        assert steps() is None
+    finally:
+        gc.enable()
 
 
 def test_a_weight_changed_after_quantize_is_refused():

@@ -17,6 +17,7 @@ dequantization of the stored codes, with an error bound per output element built
 from __future__ import annotations
 
 import gc
+import weakref
 
 import pytest
 import torch
@@ -183,6 +184,9 @@ def test_cpu_layout_cache_is_reused_invalidated_and_released(bits, cache, gen):
     case = next(c for c in CASES if c[0] == bits and c[5])
     qw, x, bias = _make(case, gen)
     op = WEIGHT_ONLY_LINEAR_OPS[bits]
+    # the cache is process-wide: weights of earlier tests that only a collection frees would
+    # otherwise leave it during this test and move the count
+    gc.collect()
     entries_before = len(cache)
     op(*_args(qw, x, bias))
     layout = cache.get(qw.qweight, qw.scales, qw.zeros, qw.group_size)
@@ -201,8 +205,10 @@ def test_cpu_layout_cache_is_reused_invalidated_and_released(bits, cache, gen):
     assert cache.get(qw.qweight, qw.scales, qw.zeros, qw.group_size) is not layout
 
     # The entry dies with its weight (the cached layout must not keep the weight alive).
+    weight = weakref.ref(qw.qweight)
     del qw, other, layout
     gc.collect()
+    assert weight() is None
     assert len(cache) == entries_before
 
 
