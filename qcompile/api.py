@@ -122,7 +122,7 @@ def quantize_graph(
         verify=verify,
         dump_dir=Path(dump_dir) if dump_dir is not None else None,
         progress=progress,
-        decisions=decisions if decisions is not None else Decisions(),
+        decisions=decisions if decisions is not None else Decisions(recording=False),
     )
     ctx.notes.extend(_body_weight_notes(captured.graph_module))
     passes = build_pipeline(recipe)
@@ -249,7 +249,7 @@ def quantize(
         model.train(was_training)
     batches = flatten_calibration(captured, calibration)
     example_flat = captured.flatten_inputs(args, kwargs)
-    decisions = Decisions()
+    decisions = Decisions(recording=plan is not None)  # recorded only where the steps will replay it
     report = quantize_graph(captured, recipe_obj, batches, example_flat, verify=verify, dump_dir=dump_dir,
                             progress=progress, decisions=decisions)
     build = None

@@ -82,6 +82,9 @@ class Decisions:
     # strict: a choice missing (or a weight changed) is an error; lenient (the torch.compile
     # backend, whose graphs are whatever Dynamo hands it): the pass computes it instead
     strict: bool = True
+    # False where no other graph will replay (a model without generation steps, streaming):
+    # nothing is recorded, so no weight is fingerprinted (a float64 pass over each)
+    recording: bool = True
 
     def replay(self, graph: str, *, strict: bool = True) -> "Decisions":
         """This store, switched to replaying for ``graph`` (e.g. "the decode step")."""
@@ -107,6 +110,8 @@ class Decisions:
 
     def record_smoothing(self, key: tuple[str, ...], weights: list[torch.Tensor], chosen: Any) -> None:
         """Record a smoothing group's choice and the fingerprints of the weights it was made for."""
+        if not self.recording:
+            return
         self.smoothing[key] = (tuple(weight_fingerprint(w) for w in weights), chosen)
 
     def replay_smoothing(self, key: tuple[str, ...], weights: list[torch.Tensor]) -> tuple[bool, Any]:
@@ -123,6 +128,8 @@ class Decisions:
         return True, chosen
 
     def record_weight(self, name: str, weight: torch.Tensor, meta: dict[str, Any], row: dict[str, Any]) -> None:
+        if not self.recording:
+            return
         self.weights[name] = WeightDecision(dict(meta), dict(row), weight_fingerprint(weight))
 
     def replay_weight(self, name: str, weight: torch.Tensor) -> WeightDecision | None:

@@ -94,7 +94,7 @@ class PassContext:
     progress: bool = True
     # the data-dependent choices (smoothing scales, precisions, rounded weights): recorded on
     # a model's first graph, replayed on its others (``qcompile.decisions``)
-    decisions: Decisions = field(default_factory=Decisions)
+    decisions: Decisions = field(default_factory=lambda: Decisions(recording=False))
 
     def check_inputs(self) -> list[list[Any]]:
         """The inputs the float64 check runs on: the example plus up to two calibration

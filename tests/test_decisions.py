@@ -52,3 +52,11 @@ def test_lenient_replay_returns_nothing_where_it_cannot_replay():
     assert decisions.replay_weight("other", w) is None
     assert decisions.replay_smoothing(("fc",), [w + 1]) == (False, None)
     assert decisions.lookup("precision", "fc") is None
+
+
+def test_a_store_that_is_not_recording_fingerprints_nothing():
+    decisions = Decisions(recording=False)
+    w = torch.randn(4, 8)
+    decisions.record_weight("fc", w, {}, {"layer": "fc"})
+    decisions.record_smoothing(("fc",), [w], "chosen")
+    assert not decisions.weights and not decisions.smoothing
